@@ -1,0 +1,1 @@
+"""Command-line entry points (typer). Only this package turns typed errors into exit codes."""

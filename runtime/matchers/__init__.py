@@ -1,0 +1,23 @@
+"""kNN matchers, chosen from one table (see ``MATCHERS``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spade_edge.runtime.matchers.base import DEFAULT_K, GalleryArrays, Matcher, Score
+from spade_edge.runtime.registry import load_backend
+
+#: backend name -> "module:class". Every matcher takes (gallery, k_image=, k_gallery=, sigma=).
+MATCHERS: dict[str, str] = {
+    "numpy": "spade_edge.runtime.matchers.numpy_matcher:NumpyMatcher",
+    "cuda": "spade_edge.runtime.matchers.cuda:CudaMatcher",
+}
+
+
+def open_matcher(gallery: GalleryArrays, backend: str = "numpy", **options: Any) -> Matcher:
+    """Build the matcher ``backend`` over ``gallery`` (K values etc. in ``options``)."""
+    cls = load_backend(MATCHERS, backend, "matcher")
+    return cls(gallery, **options)
+
+
+__all__ = ["DEFAULT_K", "MATCHERS", "GalleryArrays", "Matcher", "Score", "open_matcher"]

@@ -1,0 +1,62 @@
+"""The matcher interface: pyramid features of test images in, SPADE scores and maps out.
+
+A matcher owns everything after inference: image-level kNN on the pooled feature, per-level
+nearest-position search among the positions of the ``k_gallery`` nearest normal images, sqrt,
+bilinear upsampling to the crop size, level mean and Gaussian blur. The NumPy matcher is the
+oracle; the CUDA matcher must agree with it within fp16 tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.runners.base import Features
+
+DEFAULT_K = 5
+DEFAULT_SIGMA = 4.0
+
+
+class GalleryArrays(Protocol):
+    """What a matcher needs from a gallery (the file reader provides it; tests may fake it).
+
+    ``pooled``: float16 [N, Cg]; ``pooled_sqnorms``: float32 [N] (of the fp16 values);
+    ``levels[i]``: float16 [N, H, W, C]; ``level_sqnorms[i]``: float32 [N, H, W].
+    """
+
+    contract: Contract
+    n_images: int
+    pooled: np.ndarray
+    pooled_sqnorms: np.ndarray
+    levels: Sequence[np.ndarray]
+    level_sqnorms: Sequence[np.ndarray]
+
+
+@dataclass
+class Score:
+    """SPADE result for one image, in the crop's geometry (``image_size`` square)."""
+
+    image_score: float
+    anomaly_map: np.ndarray  # float32 [S, S]
+    neighbors: np.ndarray  # int64 [max(k_image, k_gallery)], nearest first
+
+
+@runtime_checkable
+class Matcher(Protocol):
+    """kNN backend. Built once per gallery; ``score`` called per batch."""
+
+    name: str
+    k_image: int
+    k_gallery: int
+
+    def score(self, features: Features) -> list[Score]:
+        """Score every image of the batch (host or device features)."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (device memory for GPU matchers)."""
+        ...

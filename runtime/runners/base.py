@@ -1,0 +1,62 @@
+"""The runner interface: one batch of preprocessed images in, the SPADE pyramid out.
+
+Modelled on Polygraphy's runners: construct (load once), ``infer`` many times, ``close``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from spade_edge.runtime.contract import Contract
+
+
+@dataclass
+class Features:
+    """Pyramid features of a batch of B images.
+
+    Host form: ``levels[i]`` is float32 ``[B, H, W, C]`` and ``pooled`` float32 ``[B, Cg]``.
+    Device form (TensorRT runner): ``device`` is True and ``levels``/``pooled`` hold objects
+    exposing an integer device pointer via ``int(obj)`` (e.g. pycuda DeviceAllocation), with
+    ``dtypes`` saying float32 or float16; ``to_host()`` copies them back for the NumPy matcher.
+    """
+
+    levels: list[Any]
+    pooled: Any
+    batch: int
+    device: bool = False
+    dtypes: tuple[str, ...] = ()
+    _to_host: Any = None
+
+    def to_host(self) -> Features:
+        """Host copy (no-op for host features)."""
+        if not self.device:
+            return self
+        return self._to_host()
+
+    def image(self, i: int) -> Features:
+        """Features of image ``i`` as a batch of one (host form only)."""
+        f = self.to_host()
+        return Features(
+            levels=[lv[i : i + 1] for lv in f.levels], pooled=f.pooled[i : i + 1], batch=1
+        )
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Inference backend. ``contract``/``fingerprint`` identify the model it runs."""
+
+    name: str
+    contract: Contract
+    fingerprint: str
+    max_batch: int | None
+
+    def infer(self, batch: np.ndarray) -> Features:
+        """Run a float32 ``[B, 3, S, S]`` normalised batch; B <= max_batch when set."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions / device buffers."""
+        ...
