@@ -1,1 +1,1 @@
-"""spade_edge.calibration: INT8 (Q/DQ) and fp16 models, and anomaly thresholds, from normal images only."""
+"""spade_edge.calibration: INT8 (Q/DQ), fp16 and anomaly thresholds, from normal images only."""
