@@ -91,7 +91,7 @@ def to_rgb_float(im: Image.Image) -> tuple[Image.Image | None, np.ndarray | None
     return im, None
 
 
-def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
+def resized_size(w: int, h: int, short: int) -> tuple[int, int]:
     # torchvision: the shorter side becomes `short`, the longer int(short * long / short_side)
     if w <= h:
         return short, int(short * h / w)
@@ -104,7 +104,7 @@ def preprocess(im: Image.Image, contract: Contract, source: str = "<image>") -> 
         raise ImageDecodeError(f"{source}: empty image")
     pil, flt = to_rgb_float(im)
     w, h = im.width, im.height
-    rw, rh = _resized_size(w, h, contract.resize)
+    rw, rh = resized_size(w, h, contract.resize)
     s = contract.image_size
     top = round((rh - s) / 2.0)
     left = round((rw - s) / 2.0)

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from spade_edge.runtime.errors import SpadeError
+from spade_edge.runtime.errors import InputError, SpadeError
 
 err_console = Console(stderr=True, highlight=False)
+
+KOpt = Annotated[int | None, typer.Option("--k", help="Sets both --k-image and --k-gallery.")]
+KImageOpt = Annotated[
+    int | None, typer.Option("--k-image", help="Nearest normal images averaged for the score.")
+]
+KGalleryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--k-gallery", help="Nearest normal images whose positions form the pixel gallery."
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend", help="Runner: auto (engine file -> trt, else ort), ort, ort-gpu, trt."
+    ),
+]
+MatcherOpt = Annotated[str, typer.Option("--matcher", help="kNN backend: numpy (CPU) or cuda.")]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -49,3 +69,51 @@ def make_main(app: typer.Typer) -> Callable[[], Any]:
             raise
 
     return main
+
+
+def resolve_k(
+    k: int | None, k_image: int | None, k_gallery: int | None
+) -> tuple[int | None, int | None]:
+    """``--k`` sets both; ``--k-image`` / ``--k-gallery`` override each (None = gallery default)."""
+    return (k_image if k_image is not None else k), (k_gallery if k_gallery is not None else k)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file via temp + fsync + rename so a crash never leaves half a report."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.")
+    except OSError as e:
+        raise InputError(f"{p}: cannot write here: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar on stderr; yields ``advance(n)`` (a no-op when disabled)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if not enabled:
+        yield lambda n=1: None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n=1: prog.advance(task, n)

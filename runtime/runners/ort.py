@@ -47,6 +47,7 @@ class OrtRunner:
                 f"{self.path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}"
             ) from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = meta
         self.contract, self.fingerprint = contract_from_metadata(meta, str(self.path))
         self.max_batch = max_batch
         self.providers = self.session.get_providers()

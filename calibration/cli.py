@@ -1,0 +1,50 @@
+"""`spade-threshold GALLERY`: store anomaly thresholds computed from the gallery's normal images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from spade_edge.runtime.cli._common import (
+    KGalleryOpt,
+    KImageOpt,
+    KOpt,
+    make_main,
+    progress,
+    resolve_k,
+)
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def threshold(
+    gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Write here (default: replace GALLERY).")
+    ] = None,
+    far: Annotated[
+        float, typer.Option(help="False-alarm rate on normal parts (image and mask level).")
+    ] = 0.01,
+    k: KOpt = None,
+    k_image: KImageOpt = None,
+    k_gallery: KGalleryOpt = None,
+) -> None:
+    """Leave-one-out over normal images -> image and pixel thresholds in the gallery manifest."""
+    from spade_edge.calibration.thresholds import calibrate_gallery
+    from spade_edge.runtime.gallery import Gallery
+
+    ki, kg = resolve_k(k, k_image, k_gallery)
+    n = Gallery.open(gallery).n_images
+    with progress(n, "leave-one-out") as advance:
+        th = calibrate_gallery(gallery, out, far=far, k_image=ki, k_gallery=kg, progress=advance)
+    typer.echo(json.dumps(th))
+
+
+main = make_main(app)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`spade-eval MODEL DATA_DIR`: image AUROC, pixel AUROC and AUPRO@0.3 on MVTec-layout data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spade_edge.runtime.cli._common import (
+    BackendOpt,
+    KGalleryOpt,
+    KImageOpt,
+    KOpt,
+    MatcherOpt,
+    atomic_write_text,
+    make_main,
+    resolve_k,
+)
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+
+@app.command()
+def evaluate_cmd(
+    model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
+    data_dir: Annotated[
+        Path, typer.Argument(help="Category folder: train/good, test/*, ground_truth/*.")
+    ],
+    gallery: Annotated[
+        Path | None, typer.Option(help="Use this gallery instead of packing train/good.")
+    ] = None,
+    k: KOpt = None,
+    k_image: KImageOpt = None,
+    k_gallery: KGalleryOpt = None,
+    backend: BackendOpt = "auto",
+    matcher: MatcherOpt = "numpy",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    far: Annotated[
+        float, typer.Option(help="False-alarm rate for thresholds from train/good (0 = skip).")
+    ] = 0.01,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Reproduce the SPADE protocol's numbers on real data."""
+    from spade_edge.runtime.evaluate import evaluate
+
+    ki, kg = resolve_k(k, k_image, k_gallery)
+    report = evaluate(
+        model,
+        data_dir,
+        k_image=ki or 5,
+        k_gallery=kg or 5,
+        matcher=matcher,
+        backend=backend,
+        gallery=gallery,
+        batch_size=batch_size,
+        far=far or None,
+    )
+    t = Table(
+        title=f"SPADE on {data_dir} (K image {report['k_image']}, gallery {report['k_gallery']})"
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        t.add_row(key, f"{report[key]:.4f}")
+    for key in (
+        "test_false_positive_rate",
+        "test_false_negative_rate",
+        "test_pixel_false_positive_rate",
+        "test_pixel_true_positive_rate",
+    ):
+        if key in report:
+            t.add_row(key, f"{report[key]:.4f}")
+    t.add_row("ms per test image", f"{report['seconds']['per_test_image_ms']:.1f}")
+    Console().print(t)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
+
+
+main = make_main(app)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""``spade-inspect FILE [--verify] [--json]``: print the header of any spade-edge artifact.
+
+The artifact kind is picked from the file's first bytes (one small table), so a file with a
+misleading name is still shown for what it is. Nothing but headers is read unless
+``--verify`` asks for the checksums (gallery/engine blobs, ONNX graph fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spade_edge.runtime.cli._common import make_main
+from spade_edge.runtime.container import (
+    ANY_VERSION,
+    describe_foreign,
+    peek_magic,
+    read_container,
+)
+from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
+
+
+def inspect_gallery(path: Path, verify: bool) -> dict[str, Any]:
+    from spade_edge.runtime.gallery import Gallery, describe
+
+    with Gallery.open(path, verify=verify) as g:
+        info = describe(g)
+        src = g.sources
+        info["sources"] = {"count": len(src), "first": src[:3]}
+    info["verified"] = verify
+    return info
+
+
+def inspect_engine(path: Path, verify: bool) -> dict[str, Any]:
+    """Use the engine module's own describe() when it is there, else show the raw manifest."""
+    try:
+        from spade_edge.runtime import engine_file
+    except ImportError:
+        engine_file = None  # type: ignore[assignment]
+    describe = getattr(engine_file, "describe", None)
+    if describe is not None:
+        info = dict(describe(path, verify=verify))
+        info.setdefault("verified", verify)
+        return info
+    with read_container(path, b"SPADEENG", ANY_VERSION, verify=verify) as c:
+        return {
+            "kind": "engine",
+            "path": str(path),
+            "format_version": c.version,
+            "file_bytes": c.file_size,
+            "verified": verify,
+            "manifest": c.manifest,
+            "blobs": {
+                n: {"dtype": b.dtype, "shape": list(b.shape), "nbytes": b.nbytes}
+                for n, b in c.blob_info.items()
+            },
+        }
+
+
+def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
+    from spade_edge.runtime.model_meta import read_model_info
+
+    mi = read_model_info(path)
+    c = mi.contract
+    other: dict[str, Any] = {}
+    for k, v in mi.metadata.items():
+        if k in ("spade_edge.contract", "spade_edge.fingerprint"):
+            continue
+        try:
+            other[k] = json.loads(v)
+        except ValueError:
+            other[k] = v
+    info: dict[str, Any] = {
+        "kind": "onnx",
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "model_fingerprint": mi.fingerprint,
+        "parent_fingerprint": c.parent_fingerprint,
+        "backbone": c.backbone,
+        "weights": c.weights,
+        "precision": c.precision,
+        "image_size": c.image_size,
+        "resize": c.resize,
+        "levels": [
+            {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
+            for lv in c.levels
+        ],
+        "pooled_dim": c.pooled_dim,
+        "metadata": other,
+        "verified": verify,
+        "contract": c.to_dict(),
+    }
+    if verify:
+        try:
+            import onnx
+        except ImportError:
+            raise BackendUnavailableError(
+                f"{path}: --verify on an ONNX model needs the onnx package "
+                "(pip install 'spade-edge[export]')"
+            ) from None
+        model = onnx.load(str(path), load_external_data=False)
+        fp = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+        if fp != mi.fingerprint:
+            raise FormatError(
+                f"{path}: graph fingerprint {fp} does not match the recorded {mi.fingerprint} "
+                "(the graph was changed after export)"
+            )
+    return info
+
+
+#: magic -> (kind, inspector). ONNX files are protobuf and have no magic: the fallback.
+INSPECTORS: dict[bytes, tuple[str, Callable[[Path, bool], dict[str, Any]]]] = {
+    b"SPADEGAL": ("gallery", inspect_gallery),
+    b"SPADEENG": ("engine", inspect_engine),
+}
+
+
+def inspect_file(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """Header summary of any spade-edge artifact as a JSON-able dict (``kind`` says which)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    head = peek_magic(p)
+    if head in INSPECTORS:
+        return INSPECTORS[head][1](p, verify)
+    guess = describe_foreign(head)
+    if p.suffix.lower() == ".onnx" or guess.startswith("is an ONNX"):
+        return inspect_onnx(p, verify)
+    raise FormatError(f"{p}: not a spade-edge artifact (magic {head!r}); it {guess}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def render(info: dict[str, Any], console: Console) -> None:
+    """Human view: key/value table, then the blob table when there is one."""
+    t = Table(title=f"{info.get('kind', '?')}: {info.get('path', '')}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    for k, v in info.items():
+        if k in ("kind", "path", "blobs", "contract"):
+            continue
+        if k == "levels":
+            v = ", ".join(
+                f"{lv['name']} {'x'.join(map(str, lv['shape']))} (stride {lv['stride']})"
+                for lv in v
+            )
+        elif k == "sources" and isinstance(v, dict):
+            first = v.get("first") or []
+            v = f"{v.get('count')} images" + (
+                f" (first: {first[0]['name']}, sha256 {first[0]['sha256'][:16]}…)" if first else ""
+            )
+        elif k.endswith("_bytes") and isinstance(v, int):
+            v = f"{v:,} B ({v / 1e6:.3f} MB)"
+        t.add_row(k, _fmt(v))
+    if "contract" in info:
+        c = info["contract"]
+        t.add_row(
+            "preprocessing",
+            f"{c.get('color')} resize {c.get('resize')} ({c.get('resize_interpolation')}, "
+            f"antialias={c.get('antialias')}) → centre-crop {c.get('image_size')}, "
+            f"mean {c.get('mean')} std {c.get('std')}",
+        )
+    console.print(t)
+    blobs = info.get("blobs")
+    if blobs:
+        bt = Table(title="blobs")
+        for col in ("name", "dtype", "shape", "bytes"):
+            bt.add_column(col, justify="right" if col == "bytes" else "left")
+        for name, b in blobs.items():
+            bt.add_row(name, b["dtype"], "x".join(map(str, b["shape"])), f"{b['nbytes']:,}")
+        console.print(bt)
+
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Show the header of a spade-edge artifact: ONNX model, gallery or engine file.",
+)
+
+
+@app.command()
+def inspect_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Model, gallery or engine file.")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also check checksums / the graph fingerprint.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Print what FILE is and what it holds (headers only unless --verify)."""
+    info = inspect_file(file, verify)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=False))
+    else:
+        render(info, Console())
+
+
+main = make_main(app)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

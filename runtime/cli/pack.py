@@ -1,0 +1,97 @@
+"""``spade-pack MODEL NORMAL_IMAGES... -o gallery.bin``: build a gallery from normal images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spade_edge.runtime.cli._common import make_main, warn
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Pack the features of normal (defect-free) images into a spade-edge gallery file.",
+)
+
+
+@app.command()
+def pack_command(
+    model: Annotated[
+        Path,
+        typer.Argument(metavar="MODEL", help="Exported spade-edge model (.onnx) or engine file."),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="NORMAL_IMAGES", help="Normal images and/or folders (searched recursively)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Gallery file to write.")],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per inference batch.")
+    ] = 8,
+    backend: Annotated[str, typer.Option("--backend", help="auto | ort | ort-gpu | trt")] = "auto",
+    add_to: Annotated[
+        Path | None,
+        typer.Option("--add-to", help="Existing gallery to extend (the union is written to -o)."),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-open the result and check every checksum.")
+    ] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Skip unreadable images with a warning, do not fail."),
+    ] = False,
+    skip_duplicates: Annotated[
+        bool, typer.Option("--skip-duplicates", help="Skip images whose content is packed.")
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
+    ] = True,
+) -> None:
+    """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
+    from spade_edge.runtime.packer import pack
+
+    # the CLI prints the skips itself; keep the library's log records from printing twice
+    logging.getLogger("spade_edge.runtime.packer").addHandler(logging.NullHandler())
+    r = pack(
+        model,
+        images,
+        output,
+        batch_size=batch_size,
+        backend=backend,
+        progress=progress,
+        base_gallery=add_to,
+        skip_bad=skip_bad,
+        skip_duplicates=skip_duplicates,
+        verify=verify,
+    )
+    for _name, why in r.skipped_bad:
+        warn(f"skipped {why}")  # the reason names the file
+    for name, other in r.skipped_duplicates:
+        warn(f"skipped {name}: same content as {other}")
+    t = Table(title=f"gallery written: {r.path}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("images in gallery", str(r.n_images))
+    t.add_row("added now", f"{r.n_added}" + (f" (base had {r.n_base})" if r.n_base else ""))
+    if r.skipped_bad or r.skipped_duplicates:
+        t.add_row("skipped", f"{len(r.skipped_bad)} unreadable, {len(r.skipped_duplicates)} dup.")
+    t.add_row("file size", f"{r.file_bytes / 1e6:.2f} MB ({r.bytes_per_image / 1e3:.1f} kB/image)")
+    t.add_row("time", f"{r.seconds:.2f} s ({r.images_per_second:.1f} images/s)")
+    t.add_row("backbone time", f"{r.infer_seconds:.2f} s ({r.backend})")
+    t.add_row("model fingerprint", r.fingerprint)
+    if verify:
+        t.add_row("verified", "all SHA-256 checksums match")
+    Console().print(t)
+
+
+main = make_main(app)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,142 @@
+"""`spade-run MODEL GALLERY IMAGE... | DIR`: score parts, print verdicts, write defect maps."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spade_edge.runtime.cli._common import (
+    BackendOpt,
+    KGalleryOpt,
+    KImageOpt,
+    KOpt,
+    MatcherOpt,
+    atomic_write_text,
+    err_console,
+    make_main,
+    progress,
+    resolve_k,
+    warn,
+)
+from spade_edge.runtime.errors import InputError, SpadeError
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+CSV_FIELDS = ["image", "score", "threshold", "anomalous", "map_max", "defect_fraction", "error"]
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        stem, n = f"{path.stem}_{n}", n + 1
+    used.add(stem)
+    return stem
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
+    gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    k: KOpt = None,
+    k_image: KImageOpt = None,
+    k_gallery: KGalleryOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Image-score threshold (overrides the gallery's).")
+    ] = None,
+    pixel_threshold: Annotated[
+        float | None, typer.Option(help="Pixel threshold for masks (overrides the gallery's).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write JSON lines here instead of stdout.")
+    ] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write a CSV table.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for overlay and mask PNGs per image.")
+    ] = None,
+    backend: BackendOpt = "auto",
+    matcher: MatcherOpt = "numpy",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 1,
+    verify: Annotated[bool, typer.Option(help="Verify the gallery's blob checksums.")] = False,
+) -> None:
+    """Score images against normal parts: score, verdict and anomaly map per image."""
+    from spade_edge.runtime.detector import Detector
+    from spade_edge.runtime.preprocess import list_images
+    from spade_edge.runtime.visualize import overlay, save_png
+
+    paths = list_images(images)
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{out}: cannot create output folder: {e.strerror or e}") from None
+    ki, kg = resolve_k(k, k_image, k_gallery)
+    det = Detector.load(
+        model,
+        gallery,
+        backend=backend,
+        matcher=matcher,
+        k_image=ki,
+        k_gallery=kg,
+        threshold=threshold,
+        pixel_threshold=pixel_threshold,
+        verify=verify,
+    )
+    if det.thresholds_stale:
+        warn(
+            f"{gallery}: stored thresholds were calibrated for other K values; "
+            "no verdicts (recalibrate with spade-threshold or pass --threshold)"
+        )
+    elif det.threshold is None:
+        warn(f"{gallery}: no thresholds stored; scores only (pass --threshold or calibrate)")
+    records: list[dict[str, Any]] = []
+    used: set[str] = set()
+    failed = 0
+    sink = None if json_out is None else io.StringIO()
+    with det, progress(len(paths), "scoring", enabled=len(paths) > 1) as advance:
+        for path, res in det.predict_paths(paths, batch_size=batch_size):
+            if isinstance(res, SpadeError):
+                failed += 1
+                rec: dict[str, Any] = {"image": str(path), "error": str(res)}
+                err_console.print(f"[bold red]error:[/] {res}", soft_wrap=True)
+            else:
+                rec = res.to_record()
+                if out is not None:
+                    stem = _unique_stem(path, used)
+                    full = res.full_map()
+                    vmax = 2.0 * res.pixel_threshold if res.pixel_threshold else float(full.max())
+                    save_png(overlay(res.rgb, full, vmax), out / f"{stem}_overlay.png")
+                    rec["overlay"] = str(out / f"{stem}_overlay.png")
+                    mask = res.defect_mask()
+                    if mask is not None:
+                        save_png((mask * 255).astype("uint8"), out / f"{stem}_mask.png")
+                        rec["mask"] = str(out / f"{stem}_mask.png")
+            line = json.dumps(rec)
+            if sink is None:
+                typer.echo(line)
+            else:
+                sink.write(line + "\n")
+            records.append(rec)
+            advance(1)
+    if json_out is not None and sink is not None:
+        atomic_write_text(json_out, sink.getvalue())
+    if csv_out is not None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
+        atomic_write_text(csv_out, buf.getvalue())
+    if failed:
+        err_console.print(f"[bold red]{failed} of {len(paths)} images failed[/]")
+        raise typer.Exit(1)
+
+
+main = make_main(app)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Python API for embedding spade-edge in an inspection device.
+
+    det = Detector.load("model.onnx", "gallery.bin")      # once
+    res = det.predict(image)                              # per part: path, PIL image or array
+    res.score, res.is_anomalous, res.anomaly_map          # map in crop geometry (S x S)
+    res.full_map()                                        # map projected onto the original image
+
+Thread safety: ``predict`` may be called from several threads. Backends that are thread-safe
+(ONNX Runtime CPU + NumPy matcher) run concurrently; others (TensorRT, CUDA matcher: one stream
+and one workspace each) are serialised by an internal lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from spade_edge.runtime.errors import CompatibilityError, InputError, SpadeError
+from spade_edge.runtime.matchers import open_matcher
+from spade_edge.runtime.matchers.base import Score
+from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_any, prepare_path
+from spade_edge.runtime.runners import Runner, open_runner
+
+
+@dataclass
+class Result:
+    """Outcome for one image."""
+
+    score: float
+    is_anomalous: bool | None  # None when no threshold is known
+    anomaly_map: np.ndarray  # float32 [S, S], crop geometry
+    threshold: float | None
+    pixel_threshold: float | None
+    geometry: Geometry
+    neighbors: np.ndarray
+    source: str = "<image>"
+    rgb: np.ndarray | None = field(default=None, repr=False)
+
+    def full_map(self) -> np.ndarray:
+        """The map on the original (EXIF-upright) image grid; 0 outside the inspected crop."""
+        return project_to_original(self.anomaly_map, self.geometry)
+
+    def defect_mask(self) -> np.ndarray | None:
+        """Binary mask on the original grid (map >= pixel threshold), or None without one."""
+        if self.pixel_threshold is None:
+            return None
+        return self.full_map() >= self.pixel_threshold
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-friendly summary (what spade-run prints per image)."""
+        m = self.anomaly_map
+        rec: dict[str, Any] = {
+            "image": self.source,
+            "score": round(float(self.score), 6),
+            "threshold": self.threshold,
+            "anomalous": self.is_anomalous,
+            "map_max": round(float(m.max()), 6),
+        }
+        if self.pixel_threshold is not None:
+            rec["pixel_threshold"] = self.pixel_threshold
+            rec["defect_fraction"] = round(float((m >= self.pixel_threshold).mean()), 6)
+        return rec
+
+
+def project_to_original(amap: np.ndarray, geo: Geometry) -> np.ndarray:
+    """Undo centre-crop and resize: place the crop in the resized frame, resize to the original."""
+    canvas = np.zeros((geo.resized_height, geo.resized_width), dtype=np.float32)
+    canvas[geo.top : geo.top + geo.size, geo.left : geo.left + geo.size] = amap
+    if (geo.resized_width, geo.resized_height) == (geo.width, geo.height):
+        return canvas
+    im = Image.fromarray(canvas, mode="F").resize(
+        (geo.width, geo.height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(im, dtype=np.float32)
+
+
+class Detector:
+    """Model + gallery + matcher, loaded once; ``predict`` per image."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        gallery: Any,
+        matcher: Any,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> None:
+        self.runner = runner
+        self.gallery = gallery
+        self.matcher = matcher
+        self.contract = runner.contract
+        th = gallery.thresholds or {}
+        same_k = (
+            th.get("k_image", matcher.k_image) == matcher.k_image
+            and th.get("k_gallery", matcher.k_gallery) == matcher.k_gallery
+        )
+        self.threshold = (
+            threshold if threshold is not None else (th.get("image") if same_k else None)
+        )
+        self.pixel_threshold = (
+            pixel_threshold
+            if pixel_threshold is not None
+            else (th.get("pixel") if same_k else None)
+        )
+        self.thresholds_stale = bool(th) and not same_k and threshold is None
+        safe = getattr(runner, "thread_safe", runner.name == "ort") and getattr(
+            matcher, "thread_safe", False
+        )
+        self._lock: threading.Lock | None = None if safe else threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        gallery: str | Path,
+        backend: str = "auto",
+        matcher: str = "numpy",
+        k_image: int | None = None,
+        k_gallery: int | None = None,
+        sigma: float = 4.0,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        verify: bool = False,
+        runner_options: dict[str, Any] | None = None,
+    ) -> Detector:
+        """Open model and gallery, check they belong together, build the matcher."""
+        from spade_edge.runtime.gallery import Gallery
+
+        g = Gallery.open(gallery, verify=verify)
+        runner = open_runner(model, backend, **(runner_options or {}))
+        try:
+            check_pair(runner, g, str(model))
+            k_i = k_image if k_image is not None else g.default_k
+            k_g = k_gallery if k_gallery is not None else g.default_k
+            try:
+                m = open_matcher(g, matcher, k_image=k_i, k_gallery=k_g, sigma=sigma)
+            except SpadeError as e:
+                raise type(e)(f"{g.path}: {e}") from None
+        except Exception:
+            runner.close()
+            raise
+        return cls(runner, g, m, threshold, pixel_threshold)
+
+    # -- inference -------------------------------------------------------------------------
+    def _finish(self, prep: Prepared, s: Score) -> Result:
+        thr = self.threshold
+        return Result(
+            score=s.image_score,
+            is_anomalous=None if thr is None else bool(s.image_score >= thr),
+            anomaly_map=s.anomaly_map,
+            threshold=thr,
+            pixel_threshold=self.pixel_threshold,
+            geometry=prep.geometry,
+            neighbors=s.neighbors,
+            source=prep.source,
+            rgb=prep.rgb,
+        )
+
+    def _score_prepared(self, preps: list[Prepared]) -> list[Result]:
+        batch = np.stack([p.tensor for p in preps])
+        if self._lock is None:
+            scores = self.matcher.score(self.runner.infer(batch))
+        else:
+            with self._lock:
+                scores = self.matcher.score(self.runner.infer(batch))
+        return [self._finish(p, s) for p, s in zip(preps, scores, strict=True)]
+
+    def predict(self, image: Any) -> Result:
+        """Score one image (path, PIL image or NumPy array)."""
+        return self._score_prepared([prepare_any(image, self.contract)])[0]
+
+    def predict_paths(
+        self, paths: Iterable[Path], batch_size: int = 1, workers: int = 2
+    ) -> Iterator[tuple[Path, Result | SpadeError]]:
+        """Score files in order; decode runs a bounded window ahead in threads.
+
+        A file that cannot be read yields its error and the others go on.
+        """
+        paths = list(paths)
+        max_b = getattr(self.runner, "max_batch", None) or batch_size
+        bs = max(1, min(batch_size, max_b))
+
+        def load(p: Path) -> Prepared | SpadeError:
+            try:
+                return prepare_path(p, self.contract)
+            except SpadeError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            window: deque[Future[Prepared | SpadeError]] = deque()
+            ahead = iter(paths)
+            for p in islice(ahead, 2 * bs + workers):
+                window.append(pool.submit(load, p))
+            for s in range(0, len(paths), bs):
+                items = []
+                for p in paths[s : s + bs]:
+                    items.append((p, window.popleft().result()))
+                    nxt = next(ahead, None)
+                    if nxt is not None:
+                        window.append(pool.submit(load, nxt))
+                good = [i for i, (_, r) in enumerate(items) if isinstance(r, Prepared)]
+                out: list[Result | SpadeError] = [r for _, r in items]  # type: ignore[misc]
+                if good:
+                    try:
+                        scored = self._score_prepared([items[i][1] for i in good])  # type: ignore[misc]
+                        for i, res in zip(good, scored, strict=True):
+                            out[i] = res
+                    except SpadeError as e:
+                        for i in good:
+                            out[i] = e
+                yield from zip((p for p, _ in items), out, strict=True)
+
+    def close(self) -> None:
+        self.matcher.close()
+        self.runner.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_pair(runner: Runner, gallery: Any, model_source: str) -> None:
+    """Refuse a gallery packed with another model (derived models: see docs/precision.md)."""
+    if runner.fingerprint == gallery.fingerprint:
+        return
+    parent = runner.contract.parent_fingerprint
+    if parent is not None and parent == gallery.fingerprint:
+        allow = False
+        try:
+            from spade_edge.calibration.lineage import gallery_accepts
+
+            allow = gallery_accepts(
+                gallery.fingerprint, runner.contract, getattr(runner, "metadata", {}) or {}
+            )
+        except ImportError:
+            allow = False
+        gallery.check_model(
+            runner.fingerprint, model_source, parent_fingerprint=parent, allow_derived=allow
+        )
+        return
+    gallery.check_model(runner.fingerprint, model_source)
+    raise CompatibilityError(  # check_model must have raised; never continue silently
+        f"{gallery.path}: packed for model {gallery.fingerprint[:16]}…, "
+        f"{model_source} is {runner.fingerprint[:16]}…"
+    )
+
+
+__all__ = ["Detector", "InputError", "Result", "check_pair", "project_to_original"]

@@ -1,0 +1,56 @@
+"""Images people look at: heat-map overlay and binary defect mask, on the original geometry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# A perceptual "inferno"-like ramp: anchor colours interpolated linearly (no matplotlib needed).
+_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float32,
+)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to uint8 RGB."""
+    t = np.clip(x, 0.0, 1.0) * (len(_ANCHORS) - 1)
+    i = np.minimum(t.astype(np.int64), len(_ANCHORS) - 2)
+    f = (t - i)[..., None]
+    return (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).round().astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.55) -> np.ndarray:
+    """Blend the heat map over the image; ``vmax`` fixes the scale so images are comparable."""
+    norm = amap / vmax if vmax > 0 else np.zeros_like(amap)
+    heat = colormap(norm).astype(np.float32)
+    a = alpha * np.clip(norm, 0.15, 1.0)[..., None]
+    return (rgb.astype(np.float32) * (1 - a) + heat * a).round().astype(np.uint8)
+
+
+def save_png(arr: np.ndarray, path: str | Path) -> None:
+    """Atomic PNG write (temp + fsync + rename): never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
