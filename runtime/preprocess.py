@@ -111,7 +111,7 @@ def preprocess(im: Image.Image, contract: Contract, source: str = "<image>") -> 
     if pil is not None:
         rgb = np.asarray(pil)
         resized = pil if (rw, rh) == (w, h) else pil.resize((rw, rh), Image.Resampling.BILINEAR)
-        crop = np.asarray(resized, dtype=np.float32)[top : top + s, left : left + s]
+        crop = np.asarray(resized)[top : top + s, left : left + s]  # uint8, cropped first
     else:
         assert flt is not None
         rgb = flt.round().astype(np.uint8)
@@ -122,11 +122,14 @@ def preprocess(im: Image.Image, contract: Contract, source: str = "<image>") -> 
                 ch = ch.resize((rw, rh), Image.Resampling.BILINEAR)
             chans.append(np.asarray(ch, dtype=np.float32))
         crop = np.stack(chans, axis=2)[top : top + s, left : left + s]
-    mean = np.asarray(contract.mean, dtype=np.float32) * 255.0
-    std = np.asarray(contract.std, dtype=np.float32) * 255.0
-    x = ((crop - mean) / std).transpose(2, 0, 1)
+    # (x/255 - mean) / std as one multiply-add per channel, written straight into CHW layout
+    x = np.empty((3, s, s), dtype=np.float32)
+    for c in range(3):
+        scale = 1.0 / (255.0 * contract.std[c])
+        np.multiply(crop[:, :, c], np.float32(scale), out=x[c], casting="unsafe")
+        x[c] -= np.float32(contract.mean[c] / contract.std[c])
     geo = Geometry(w, h, rw, rh, left, top, s)
-    return Prepared(np.ascontiguousarray(x, dtype=np.float32), geo, rgb, source)
+    return Prepared(x, geo, rgb, source)
 
 
 def prepare_path(path: str | Path, contract: Contract) -> Prepared:

@@ -1,0 +1,635 @@
+"""Gallery file format v1: the features of the normal images, packed for millisecond opening.
+
+A gallery is a container (runtime/container.py) with magic ``b"SPADEGAL"``. Features are
+stored fp16 (half the bytes of fp32; SPADE's kNN is insensitive to fp16 rounding) and
+channels-last, exactly the layout the matchers consume, so opening is an mmap with no copy.
+Squared norms are stored next to them, computed FROM THE fp16-ROUNDED values, so the
+expanded distance ‖q‖² + ‖g‖² − 2 q·g is consistent with the stored vectors.
+
+Source names and content hashes live in blobs (not in the JSON manifest) because the
+manifest is capped at 16 MiB while a gallery may hold up to 10 million images.
+Byte-level description: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spade_edge.runtime import __version__
+from spade_edge.runtime.container import Container, read_container, write_container
+from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+
+GALLERY_MAGIC = b"SPADEGAL"
+GALLERY_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({GALLERY_VERSION})
+GALLERY_KIND = "spade-edge gallery"
+MAX_IMAGES = 10_000_000
+MAX_DEFAULT_K = 100_000
+FEATURE_DTYPE = "<f2"
+SQNORM_DTYPE = "<f4"
+#: Images processed at a time when computing norms (bounds the temporary float64 copy).
+_NORM_CHUNK = 64
+
+_MANIFEST_KEYS = frozenset(
+    {
+        "kind",
+        "format_version",
+        "tool_version",
+        "model_fingerprint",
+        "contract",
+        "n_images",
+        "pooled_dim",
+        "levels",
+        "dtypes",
+        "sources",
+        "created",
+        "default_k",
+        "thresholds",
+        "extra",
+    }
+)
+_LEVEL_KEYS = frozenset({"name", "stride", "height", "width", "channels", "blob", "sqnorms_blob"})
+_SOURCES_VALUE = {"names_blob": "source_names", "sha256_blob": "source_sha256"}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Keep:
+    """Sentinel: 'leave this manifest field as it is' in :func:`rewrite_gallery`."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def bytes_per_image(contract: Contract) -> int:
+    """Payload bytes one image adds to a gallery (fp16 features + fp32 norms + its hash).
+
+    Names are variable-length and excluded. wrn50 at 224 gives 2,830,452 bytes (≈ 2.83 MB).
+    """
+    n = 2 * contract.pooled_dim + 4 + 32
+    for lv in contract.levels:
+        n += lv.height * lv.width * (2 * lv.channels + 4)
+    return n
+
+
+def sqnorms_fp16(a: np.ndarray) -> np.ndarray:
+    """Squared L2 norms over the last axis of fp16 values, returned as float32.
+
+    Accumulated in float64 and rounded once to float32: the products of fp16 values are exact
+    in float64, so the result does not depend on the CPU's summation order (byte-reproducible
+    galleries) and is at least as accurate as a float32 accumulation.
+    """
+    h = np.asarray(a, dtype=np.float16)
+    if h.ndim < 2:
+        raise ValueError("sqnorms_fp16 wants [N, ..., C] features")
+    out = np.empty(h.shape[:-1], np.float32)
+    for s in range(0, len(h), _NORM_CHUNK):
+        x = h[s : s + _NORM_CHUNK].astype(np.float64)
+        out[s : s + _NORM_CHUNK] = np.einsum("...c,...c->...", x, x)
+    return out
+
+
+def _to_fp16(a: np.ndarray, what: str, path: Path) -> np.ndarray:
+    """fp16 copy of features; refuses NaN/inf and values fp16 cannot hold (scores would be NaN)."""
+    arr = np.asarray(a)
+    if arr.dtype == np.float16:
+        h = np.ascontiguousarray(arr)
+    else:
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"{path}: {what} features must be floating point, got {arr.dtype}")
+        with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+            h = np.ascontiguousarray(arr.astype(np.float16))
+    for s in range(0, len(h), 1024):
+        if not np.isfinite(h[s : s + 1024]).all():
+            raise InputError(
+                f"{path}: {what} features contain NaN/inf or values beyond fp16 range (±65504)"
+            )
+    return h
+
+
+def _check_sources(sources: Sequence[dict[str, Any]], n: int, path: Path) -> list[dict[str, str]]:
+    if len(sources) != n:
+        raise InputError(f"{path}: {len(sources)} sources given for {n} images")
+    out = []
+    seen: dict[str, str] = {}
+    for i, s in enumerate(sources):
+        if not isinstance(s, dict):
+            raise InputError(f"{path}: source {i} must be a dict with 'name' and 'sha256'")
+        name, sha = s.get("name"), s.get("sha256")
+        if not isinstance(name, str) or not name or "\n" in name or "\r" in name:
+            raise InputError(f"{path}: source {i} name {name!r} is empty or has a line break")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            raise InputError(f"{path}: source {name!r} sha256 is not 64 lowercase hex digits")
+        if sha in seen:
+            raise InputError(
+                f"{path}: {name!r} has the same content as {seen[sha]!r} (SHA-256 {sha[:16]}…); "
+                "an image packed twice biases the kNN"
+            )
+        seen[sha] = name
+        out.append({"name": name, "sha256": sha})
+    return out
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def _write(
+    path: Path,
+    contract: Contract,
+    fingerprint: str,
+    pooled16: np.ndarray,
+    pooled_sq: np.ndarray,
+    levels16: Sequence[np.ndarray],
+    level_sq: Sequence[np.ndarray],
+    sources: list[dict[str, str]],
+    default_k: int,
+    thresholds: dict[str, Any] | None,
+    extra: dict[str, Any] | None,
+    created: str,
+) -> None:
+    n = len(pooled16)
+    if not isinstance(fingerprint, str) or not _HEX64.fullmatch(fingerprint):
+        raise InputError(f"{path}: model fingerprint {fingerprint!r} is not 64 lowercase hex")
+    if isinstance(default_k, bool) or not isinstance(default_k, int):
+        raise InputError(f"{path}: default_k must be an integer, got {default_k!r}")
+    if not 1 <= default_k <= MAX_DEFAULT_K:
+        raise InputError(f"{path}: default_k {default_k} out of range 1..{MAX_DEFAULT_K}")
+    if thresholds is not None and not isinstance(thresholds, dict):
+        raise InputError(f"{path}: thresholds must be a dict or None")
+    if extra is not None and not isinstance(extra, dict):
+        raise InputError(f"{path}: extra must be a dict or None")
+    manifest = {
+        "kind": GALLERY_KIND,
+        "format_version": GALLERY_VERSION,
+        "tool_version": __version__,
+        "model_fingerprint": fingerprint,
+        "contract": contract.to_dict(),
+        "n_images": n,
+        "pooled_dim": contract.pooled_dim,
+        "levels": [
+            {
+                "name": lv.name,
+                "stride": lv.stride,
+                "height": lv.height,
+                "width": lv.width,
+                "channels": lv.channels,
+                "blob": f"level{i}",
+                "sqnorms_blob": f"level{i}_sqnorms",
+            }
+            for i, lv in enumerate(contract.levels)
+        ],
+        "dtypes": {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE},
+        "sources": dict(_SOURCES_VALUE),
+        "created": created,
+        "default_k": default_k,
+        "thresholds": thresholds,
+        "extra": extra or {},
+    }
+    names = "\n".join(s["name"] for s in sources).encode("utf-8")
+    hashes = np.frombuffer(b"".join(bytes.fromhex(s["sha256"]) for s in sources), np.uint8)
+    blobs: dict[str, np.ndarray | bytes] = {
+        "pooled": pooled16,
+        "pooled_sqnorms": pooled_sq,
+    }
+    for i, (lv, sq) in enumerate(zip(levels16, level_sq, strict=True)):
+        blobs[f"level{i}"] = lv
+        blobs[f"level{i}_sqnorms"] = sq
+    blobs["source_sha256"] = hashes.reshape(n, 32)
+    blobs["source_names"] = names
+    write_container(path, GALLERY_MAGIC, GALLERY_VERSION, manifest, blobs)
+
+
+def _prepare_features(
+    path: Path, contract: Contract, pooled: np.ndarray, levels: Sequence[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Shape-check against the contract and round to fp16."""
+    p = np.asarray(pooled)
+    if p.ndim != 2 or p.shape[1] != contract.pooled_dim:
+        raise InputError(
+            f"{path}: pooled features have shape {p.shape}, "
+            f"contract wants [N, {contract.pooled_dim}]"
+        )
+    n = p.shape[0]
+    if not 1 <= n <= MAX_IMAGES:
+        raise InputError(f"{path}: {n} images; a gallery holds 1..{MAX_IMAGES}")
+    if len(levels) != len(contract.levels):
+        raise InputError(
+            f"{path}: {len(levels)} feature levels given, contract has {len(contract.levels)}"
+        )
+    out = []
+    for lv, a in zip(contract.levels, levels, strict=True):
+        want = (n, lv.height, lv.width, lv.channels)
+        if tuple(np.shape(a)) != want:
+            raise InputError(
+                f"{path}: level {lv.name!r} features have shape {tuple(np.shape(a))}, "
+                f"contract wants {list(want)} (channels-last)"
+            )
+        out.append(_to_fp16(a, f"level {lv.name!r}", path))
+    return _to_fp16(p, "pooled", path), out
+
+
+def write_gallery(
+    path: str | Path,
+    contract: Contract,
+    fingerprint: str,
+    pooled: np.ndarray,
+    levels: list[np.ndarray],
+    sources: list[dict[str, Any]],
+    default_k: int = 5,
+    thresholds: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    created: str | None = None,
+) -> None:
+    """Round features to fp16, compute their norms and write a v1 gallery atomically.
+
+    ``sources``: one ``{"name": str, "sha256": hex}`` per image (content hash of the file);
+    the same content twice is refused. ``created``: ISO-8601 UTC time, now when None (pass a
+    fixed value for byte-reproducible files).
+    """
+    p = Path(path)
+    pooled16, levels16 = _prepare_features(p, contract, pooled, levels)
+    srcs = _check_sources(sources, len(pooled16), p)
+    _write(
+        p,
+        contract,
+        fingerprint,
+        pooled16,
+        sqnorms_fp16(pooled16),
+        levels16,
+        [sqnorms_fp16(lv) for lv in levels16],
+        srcs,
+        default_k,
+        thresholds,
+        extra,
+        created or _utc_now(),
+    )
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _fail(path: Path, field: str, what: str) -> FormatError:
+    return FormatError(f"{path}: gallery field '{field}' {what}")
+
+
+def _int_field(path: Path, m: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = m[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _fail(path, key, f"is {v!r:.40}, must be an integer in {lo}..{hi}")
+    return v
+
+
+class Gallery:
+    """An open, validated gallery (memory-mapped; satisfies the matchers' GalleryArrays)."""
+
+    contract: Contract
+    n_images: int
+    pooled: np.ndarray
+    pooled_sqnorms: np.ndarray
+    levels: list[np.ndarray]
+    level_sqnorms: list[np.ndarray]
+
+    def __init__(self, container: Container) -> None:
+        self._c = container
+        self.path: Path = container.path
+        self.version: int = container.version
+        self.manifest: dict[str, Any] = container.manifest
+        self._sources: list[dict[str, str]] | None = None
+        self._validate()
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> Gallery:
+        """Open and validate ``path``; ``verify`` also checks every blob's SHA-256."""
+        c = read_container(path, GALLERY_MAGIC, SUPPORTED_VERSIONS, verify=verify)
+        try:
+            return cls(c)
+        except BaseException:
+            c.close()
+            raise
+
+    # -- validation (header only; no blob data is read) --
+    def _validate(self) -> None:
+        p, m = self.path, self.manifest
+        if set(m) != _MANIFEST_KEYS:
+            missing = sorted(_MANIFEST_KEYS - set(m))
+            unknown = sorted(set(m) - _MANIFEST_KEYS)
+            raise FormatError(
+                f"{p}: gallery manifest keys wrong (missing {missing}, unknown {unknown})"
+            )
+        if m["kind"] != GALLERY_KIND:
+            raise _fail(p, "kind", f"is {m['kind']!r:.40}, expected {GALLERY_KIND!r}")
+        if m["format_version"] != self.version or isinstance(m["format_version"], bool):
+            raise _fail(
+                p, "format_version", f"is {m['format_version']!r:.20}, header says {self.version}"
+            )
+        if not isinstance(m["tool_version"], str) or len(m["tool_version"]) > 64:
+            raise _fail(p, "tool_version", "is not a short string")
+        fp = m["model_fingerprint"]
+        if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
+            raise _fail(p, "model_fingerprint", "is not 64 lowercase hex digits")
+        self.fingerprint: str = fp
+        self.contract = Contract.from_dict(m["contract"], f"{p} (gallery field 'contract')")
+        c = self.contract
+        n = self.n_images = _int_field(p, m, "n_images", 1, MAX_IMAGES)
+        if m["pooled_dim"] != c.pooled_dim or isinstance(m["pooled_dim"], bool):
+            raise _fail(
+                p, "pooled_dim", f"is {m['pooled_dim']!r:.20}, contract says {c.pooled_dim}"
+            )
+        lvs = m["levels"]
+        if not isinstance(lvs, list) or len(lvs) != len(c.levels):
+            raise _fail(p, "levels", f"must list the contract's {len(c.levels)} levels")
+        for i, (e, lv) in enumerate(zip(lvs, c.levels, strict=True)):
+            want = {
+                "name": lv.name,
+                "stride": lv.stride,
+                "height": lv.height,
+                "width": lv.width,
+                "channels": lv.channels,
+                "blob": f"level{i}",
+                "sqnorms_blob": f"level{i}_sqnorms",
+            }
+            if not isinstance(e, dict) or set(e) != _LEVEL_KEYS:
+                raise _fail(p, f"levels[{i}]", f"must have keys {sorted(_LEVEL_KEYS)}")
+            for k, v in want.items():
+                if e[k] != v or isinstance(e[k], bool):
+                    raise _fail(p, f"levels[{i}].{k}", f"is {e[k]!r:.40}, contract says {v!r}")
+        if m["dtypes"] != {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE}:
+            raise _fail(p, "dtypes", f"is {m['dtypes']!r:.80}; v1 stores <f2 features, <f4 norms")
+        if m["sources"] != _SOURCES_VALUE:
+            raise _fail(p, "sources", f"is {m['sources']!r:.80}, expected {_SOURCES_VALUE}")
+        if not isinstance(m["created"], str) or len(m["created"]) > 64:
+            raise _fail(p, "created", "is not a short string")
+        self.default_k: int = _int_field(p, m, "default_k", 1, MAX_DEFAULT_K)
+        if m["thresholds"] is not None and not isinstance(m["thresholds"], dict):
+            raise _fail(p, "thresholds", "must be null or an object")
+        self.thresholds: dict[str, Any] | None = m["thresholds"]
+        if not isinstance(m["extra"], dict):
+            raise _fail(p, "extra", "must be an object")
+        self.extra: dict[str, Any] = m["extra"]
+        self.created: str = m["created"]
+        self.tool_version: str = m["tool_version"]
+
+        expected: dict[str, tuple[str, tuple[int, ...]]] = {
+            "pooled": (FEATURE_DTYPE, (n, c.pooled_dim)),
+            "pooled_sqnorms": (SQNORM_DTYPE, (n,)),
+            "source_sha256": ("|u1", (n, 32)),
+        }
+        for i, lv in enumerate(c.levels):
+            expected[f"level{i}"] = (FEATURE_DTYPE, (n, lv.height, lv.width, lv.channels))
+            expected[f"level{i}_sqnorms"] = (SQNORM_DTYPE, (n, lv.height, lv.width))
+        info = self._c.blob_info
+        want_names = set(expected) | {"source_names"}
+        if set(info) != want_names:
+            raise FormatError(
+                f"{p}: gallery blobs wrong (missing {sorted(want_names - set(info))}, "
+                f"unknown {sorted(set(info) - want_names)})"
+            )
+        for name, (dtype, shape) in expected.items():
+            bi = info[name]
+            if bi.dtype != dtype:
+                raise FormatError(f"{p}: gallery blob {name!r} has dtype {bi.dtype}, need {dtype}")
+            if bi.shape != shape:
+                raise FormatError(
+                    f"{p}: gallery blob {name!r} has shape {list(bi.shape)}, need {list(shape)}"
+                )
+        names = info["source_names"]
+        if names.dtype != "|u1" or len(names.shape) != 1:
+            raise FormatError(f"{p}: gallery blob 'source_names' must be 1-D uint8 (UTF-8 text)")
+        self.pooled = self._c.blob("pooled")
+        self.pooled_sqnorms = self._c.blob("pooled_sqnorms")
+        self.levels = [self._c.blob(f"level{i}") for i in range(len(c.levels))]
+        self.level_sqnorms = [self._c.blob(f"level{i}_sqnorms") for i in range(len(c.levels))]
+
+    # -- metadata --
+    @property
+    def sources(self) -> list[dict[str, str]]:
+        """``[{"name", "sha256"}]`` per image, decoded on first use (not needed for scoring)."""
+        if self._sources is None:
+            raw = bytes(self._c.blob("source_names"))
+            try:
+                names = raw.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                raise FormatError(
+                    f"{self.path}: gallery blob 'source_names' is not UTF-8"
+                ) from None
+            if len(names) != self.n_images or not all(names):
+                raise FormatError(
+                    f"{self.path}: gallery blob 'source_names' holds {len(names)} names "
+                    f"(some empty?) for {self.n_images} images"
+                )
+            hashes = self._c.blob("source_sha256")
+            self._sources = [
+                {"name": nm, "sha256": bytes(h).hex()} for nm, h in zip(names, hashes, strict=True)
+            ]
+        return self._sources
+
+    @property
+    def blob_info(self) -> dict[str, Any]:
+        return self._c.blob_info
+
+    @property
+    def file_size(self) -> int:
+        return self._c.file_size
+
+    def verify(self) -> None:
+        """Check every blob's SHA-256 (reads the whole file)."""
+        self._c.verify()
+
+    def check_model(
+        self,
+        fingerprint: str,
+        source: str | Path,
+        parent_fingerprint: str | None = None,
+        allow_derived: bool = False,
+    ) -> None:
+        """Refuse a model other than the one that packed this gallery.
+
+        A derived model (fp16/INT8 of the packing model: its contract's ``parent_fingerprint``
+        equals this gallery's fingerprint) is accepted only when ``allow_derived`` is True; the
+        precision tooling decides that from the model's lineage (see docs/precision.md).
+        """
+        if fingerprint == self.fingerprint:
+            return
+        if parent_fingerprint is not None and parent_fingerprint == self.fingerprint:
+            if allow_derived:
+                return
+            raise CompatibilityError(
+                f"gallery {self.path} was packed with model {self.fingerprint}; model {source} "
+                f"({fingerprint}) is derived from it but its lineage does not allow reusing "
+                f"the gallery: repack with `spade-pack {source} ...`"
+            )
+        raise CompatibilityError(
+            f"gallery {self.path} was packed with model {self.fingerprint}, but {source} is model "
+            f"{fingerprint}: repack with `spade-pack {source} ...`"
+        )
+
+    def close(self) -> None:
+        """Drop the mapping (arrays handed out keep it alive until they are freed)."""
+        self._c.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Gallery({str(self.path)!r}, n_images={self.n_images}, "
+            f"backbone={self.contract.backbone!r}, model={self.fingerprint[:12]})"
+        )
+
+
+# -------------------------------------------------------------------------- rewrite / append
+
+
+def rewrite_gallery(
+    src: Gallery,
+    dst: str | Path,
+    thresholds: dict[str, Any] | None = KEEP,
+    default_k: int = KEEP,
+    extra: dict[str, Any] | None = KEEP,
+) -> None:
+    """Write ``src`` to ``dst`` (may be ``src.path``) atomically with a changed manifest.
+
+    Feature blobs are copied straight from the mapping (no re-rounding), so only the named
+    manifest fields change; everything else, including ``created``, is kept.
+    """
+    _write(
+        Path(dst),
+        src.contract,
+        src.fingerprint,
+        src.pooled,
+        src.pooled_sqnorms,
+        src.levels,
+        src.level_sqnorms,
+        src.sources,
+        src.default_k if default_k is KEEP else default_k,
+        src.thresholds if thresholds is KEEP else thresholds,
+        src.extra if extra is KEEP else extra,
+        src.created,
+    )
+
+
+def duplicate_indices(
+    known: Sequence[dict[str, str]], new: Sequence[dict[str, str]]
+) -> list[tuple[int, str]]:
+    """Indices into ``new`` whose content hash is already in ``known`` or earlier in ``new``,
+    each with the name of the image it duplicates."""
+    seen = {s["sha256"]: s["name"] for s in known}
+    dup = []
+    for i, s in enumerate(new):
+        if s["sha256"] in seen:
+            dup.append((i, seen[s["sha256"]]))
+        else:
+            seen[s["sha256"]] = s["name"]
+    return dup
+
+
+def append_gallery(
+    src: Gallery,
+    dst: str | Path,
+    pooled: np.ndarray,
+    levels: list[np.ndarray],
+    sources: list[dict[str, Any]],
+    created: str | None = None,
+) -> int:
+    """Write a NEW gallery ``dst`` = ``src`` + new images (``dst`` may be ``src.path``).
+
+    The new features must come from the same model (the caller checks the fingerprint) and
+    must not repeat content already present (InputError; filter with :func:`duplicate_indices`
+    first to skip instead). Existing fp16 features and norms are copied unchanged.
+    Returns the new image count.
+    """
+    p = Path(dst)
+    new16, newlv16 = _prepare_features(p, src.contract, pooled, levels)
+    srcs = _check_sources(list(src.sources) + list(sources), src.n_images + len(new16), p)
+    n = src.n_images + len(new16)
+    if n > MAX_IMAGES:
+        raise InputError(f"{p}: {n} images; a gallery holds at most {MAX_IMAGES}")
+    _write(
+        p,
+        src.contract,
+        src.fingerprint,
+        np.concatenate([src.pooled, new16]),
+        np.concatenate([src.pooled_sqnorms, sqnorms_fp16(new16)]),
+        [np.concatenate([a, b]) for a, b in zip(src.levels, newlv16, strict=True)],
+        [
+            np.concatenate([a, sqnorms_fp16(b)])
+            for a, b in zip(src.level_sqnorms, newlv16, strict=True)
+        ],
+        srcs,
+        src.default_k,
+        src.thresholds,
+        src.extra,
+        created or _utc_now(),
+    )
+    return n
+
+
+def describe(g: Gallery) -> dict[str, Any]:
+    """JSON-able summary for spade-inspect."""
+    c = g.contract
+    payload = sum(bi.nbytes for bi in g.blob_info.values())
+    return {
+        "kind": "gallery",
+        "path": str(g.path),
+        "format_version": g.version,
+        "tool_version": g.tool_version,
+        "model_fingerprint": g.fingerprint,
+        "backbone": c.backbone,
+        "weights": c.weights,
+        "precision": c.precision,
+        "image_size": c.image_size,
+        "resize": c.resize,
+        "n_images": g.n_images,
+        "pooled_dim": c.pooled_dim,
+        "levels": [
+            {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
+            for lv in c.levels
+        ],
+        "default_k": g.default_k,
+        "thresholds": g.thresholds,
+        "created": g.created,
+        "extra": g.extra,
+        "file_bytes": g.file_size,
+        "payload_bytes": payload,
+        "bytes_per_image": math.floor(payload / g.n_images),
+        "blobs": {
+            name: {"dtype": bi.dtype, "shape": list(bi.shape), "nbytes": bi.nbytes}
+            for name, bi in g.blob_info.items()
+        },
+        "contract": c.to_dict(),
+    }
+
+
+__all__ = [
+    "GALLERY_MAGIC",
+    "GALLERY_VERSION",
+    "KEEP",
+    "Gallery",
+    "append_gallery",
+    "bytes_per_image",
+    "describe",
+    "duplicate_indices",
+    "rewrite_gallery",
+    "sqnorms_fp16",
+    "write_gallery",
+]
