@@ -96,7 +96,7 @@ def demo(
             png = out / f"{path.stem}_overlay.png"
             save_png(overlay(res.rgb, full, 2 * (res.pixel_threshold or full.max())), png)
             rec = res.to_record() | {"overlay": str(png)}
-            con.print(json.dumps(rec))
+            typer.echo(json.dumps(rec))
 
 
 main = make_main(app)

@@ -53,6 +53,14 @@ def pack_command(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = True,
+    far: Annotated[
+        float,
+        typer.Option(
+            "--far",
+            help="Store thresholds at this false-alarm rate on the normal images "
+            "(leave-one-out, needs >= 10 images; 0 = none). See spade-threshold.",
+        ),
+    ] = 0.01,
 ) -> None:
     """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
     from spade_edge.runtime.packer import pack
@@ -88,6 +96,20 @@ def pack_command(
     t.add_row("model fingerprint", r.fingerprint)
     if verify:
         t.add_row("verified", "all SHA-256 checksums match")
+    if far > 0:
+        from spade_edge.calibration.thresholds import MIN_IMAGES, calibrate_gallery
+        from spade_edge.runtime.cli._common import progress as progress_bar
+
+        if r.n_images < MIN_IMAGES:
+            warn(f"{output}: {r.n_images} images; thresholds need >= {MIN_IMAGES} (none stored)")
+        else:
+            with progress_bar(r.n_images, "thresholds", enabled=progress) as advance:
+                th = calibrate_gallery(output, far=far, progress=advance)
+            t.add_row(
+                "thresholds",
+                f"image {th['image']:.4g}, pixel {th['pixel']:.4g} "
+                f"(false-alarm rate {far:g}, K={th['k_image']}, leave-one-out)",
+            )
     Console().print(t)
 
 
