@@ -230,8 +230,22 @@ class Detector:
         self.close()
 
 
+PREPROCESSING_FIELDS = ("image_size", "resize", "mean", "std", "color", "levels", "pooled_dim")
+
+
 def check_pair(runner: Runner, gallery: Any, model_source: str) -> None:
-    """Refuse a gallery packed with another model (derived models: see docs/precision.md)."""
+    """Refuse a gallery packed with another model (derived models: see docs/precision.md).
+
+    The fingerprint covers the graph; the preprocessing contracts must agree as well, so a
+    gallery packed with other preprocessing is never scored against.
+    """
+    mc, gc = runner.contract.to_dict(), gallery.contract.to_dict()
+    diff = [f for f in PREPROCESSING_FIELDS if mc.get(f) != gc.get(f)]
+    if diff:
+        raise CompatibilityError(
+            f"gallery {gallery.path} and model {model_source} disagree on the preprocessing "
+            f"contract ({', '.join(diff)}): repack with `spade-pack {model_source} ...`"
+        )
     if runner.fingerprint == gallery.fingerprint:
         return
     parent = runner.contract.parent_fingerprint

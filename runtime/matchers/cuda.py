@@ -1,0 +1,700 @@
+"""CUDA matcher (pycuda): the whole SPADE matching stage on the GPU, one D2H copy per image.
+
+Why a hand-written kernel rather than cuBLAS + a min pass: the per-level work is a GEMM whose
+only consumer is a row minimum, so the fused kernel (kernels/knn_level.cu) keeps the minimum in
+registers and never writes the Q x (K*P) distance matrix, which at K=50 on wrn50 layer1 would be
+2 GB per image. Everything else (pooled kNN, top-K, sqrt, upsample, level mean, blur) is small
+and also stays on the device, so an image costs one host->device copy (or none, for TensorRT's
+device features) and one device->host copy of ``[map | score | neighbours]``.
+
+Memory: the gallery is uploaded once (fp16 channels-last, channels zero-padded to a multiple of
+64; fp32 norms; fp64 pooled norms) and every workspace is allocated in ``__init__``; ``score``
+allocates no device memory. A gallery that does not fit in free device memory is refused with
+:class:`CompatibilityError` naming the sizes (no silent chunking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spade_edge.runtime.errors import (
+    BackendUnavailableError,
+    CompatibilityError,
+    ConfigError,
+    FormatError,
+    InputError,
+)
+from spade_edge.runtime.matchers.base import DEFAULT_K, DEFAULT_SIGMA, GalleryArrays, Score
+from spade_edge.runtime.runners.base import Features
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_FILES = ("knn_level.cu", "pooled_topk.cu", "postprocess.cu")
+NVCC_OPTIONS = ["-O3", "-std=c++17"]
+
+#: Tile constants shared with kernels/knn_level.cu (KNN_BN, KNN_BK, KNN_STAGES, KNN_THREADS).
+BN, BK, STAGES, THREADS = 128, 64, 3, 256
+BM_CHOICES = (128, 64, 32, 16)
+#: top-K keeps (fp64 distance, int32 index) for every gallery image in one block's shared memory.
+MAX_GALLERY_IMAGES = 8192
+GAUSSIAN_TRUNCATE = 4.0
+#: device memory left free beyond our own needs (kernels' modules, driver, other users)
+RESERVE_BYTES = 64 << 20
+UPLOAD_CHUNK_BYTES = 64 << 20
+
+
+def padded_channels(c: int) -> int:
+    """Channels rounded up to the kernel's BK (64): rows stay 128-byte aligned for swizzling."""
+    return -(-c // BK) * BK
+
+
+def fused_smem_bytes(bm: int, cp: int) -> int:
+    """Dynamic shared memory of one fused-kernel CTA: resident query block, gallery ring, norms.
+
+    The norm ring holds 2 tiles when a tile spans >= 2 channel chunks, else 4 (see the kernel).
+    """
+    ring = 2 if cp >= 2 * BK else 4
+    return bm * cp * 2 + STAGES * BN * BK * 2 + ring * BN * 4
+
+
+def choose_block_rows(n_query: int, cp: int, smem_optin: int) -> int:
+    """Query rows per CTA: the largest choice whose shared memory fits one block.
+
+    Why the largest: mma.sync operands come through ldmatrix, and shared-memory bandwidth, not
+    occupancy, limits a warp tile of 16-32 rows; 64x32 warp tiles (BM=128) halve that traffic
+    per MMA. Small levels do not get a block far taller than their positions.
+    """
+    cap = max(BM_CHOICES[-1], 1 << max(0, math.ceil(math.log2(max(n_query, 1)))))
+    for bm in BM_CHOICES:
+        if bm <= cap and fused_smem_bytes(bm, cp) <= smem_optin:
+            return bm
+    raise CompatibilityError(
+        f"cuda matcher: a level with {cp} (padded) channels needs "
+        f"{fused_smem_bytes(BM_CHOICES[-1], cp)} bytes of shared memory per block; "
+        f"this GPU allows {smem_optin}"
+    )
+
+
+def choose_splits(row_blocks: int, tiles: int, slots: int, bm: int) -> tuple[int, int]:
+    """Split the gallery tiles over CTAs: returns (splits, tiles_per_split).
+
+    Minimises waves x (tiles per CTA + the CTA's one-off query-block load, in tile units), i.e.
+    balances SM occupancy against per-CTA overhead; ties go to fewer splits (fewer atomics).
+    """
+    best: tuple[float, int] | None = None
+    for s in range(1, tiles + 1):
+        per = -(-tiles // s)
+        if s > 1 and -(-tiles // (s - 1)) == per:
+            continue  # same work per CTA as s - 1 splits, only more CTAs
+        waves = -(-(row_blocks * s) // slots)
+        cost = waves * (per + bm / BN)
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, s)
+    s = best[1] if best else 1
+    per = -(-tiles // s)
+    return -(-tiles // per), per
+
+
+def gaussian_weights(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's 1-D kernel (order 0) as float32; [1.0] when sigma <= 0."""
+    if sigma <= 0:
+        return np.ones(1, dtype=np.float32)
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 / (float(sigma) ** 2) * x**2)
+    return (w / w.sum()).astype(np.float32)
+
+
+def _import_pycuda() -> Any:
+    try:
+        import pycuda.driver as drv
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"matcher backend 'cuda' needs pycuda: {e}. Install with: pip install pycuda"
+        ) from None
+    except Exception as e:  # pycuda present but libcuda missing/broken
+        raise BackendUnavailableError(f"matcher backend 'cuda': pycuda cannot load: {e}") from None
+    try:
+        drv.init()
+        if drv.Device.count() == 0:
+            raise BackendUnavailableError("matcher backend 'cuda': no CUDA device found")
+    except drv.Error as e:
+        raise BackendUnavailableError(f"matcher backend 'cuda': CUDA unavailable: {e}") from None
+    return drv
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are cached (``SPADE_CUDA_CACHE`` overrides)."""
+    env = os.environ.get("SPADE_CUDA_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spade_edge" / "cuda"
+
+
+@dataclass
+class _Level:
+    name: str
+    h: int
+    w: int
+    c: int
+    cp: int
+    p: int
+    g: Any  # fp16 [N*P, Cp]
+    gn: Any  # fp32 [N*P]
+    q16: Any  # fp16 [P, Cp] (query workspace)
+    qn: Any  # fp32 [P]
+    min_off: int  # offset (elements) of this level's [P] minima in the shared minima buffer
+    stage: Any  # fp32 [P*C] host-input staging (device)
+    bm: int = 0
+    splits: int = 1
+    tiles_per_split: int = 1
+    smem: int = 0
+    fn: Any = None
+
+
+class CudaMatcher:
+    """SPADE kNN scoring on an NVIDIA GPU (pycuda). One stream; not thread-safe."""
+
+    name = "cuda"
+    thread_safe = False
+
+    def __init__(
+        self,
+        gallery: GalleryArrays,
+        k_image: int = DEFAULT_K,
+        k_gallery: int = DEFAULT_K,
+        sigma: float = DEFAULT_SIGMA,
+        device: int = 0,
+        block_rows: int | None = None,
+        **_: object,
+    ) -> None:
+        """``block_rows`` forces the fused kernel's query rows per CTA where it fits (tests,
+        benchmark); levels it does not fit keep the automatic choice."""
+        if block_rows is not None and block_rows not in BM_CHOICES:
+            raise ConfigError(f"block_rows must be one of {BM_CHOICES}, got {block_rows!r}")
+        self._block_rows = block_rows
+        drv = _import_pycuda()
+        self._drv = drv
+        self._allocs: list[Any] = []
+        self._closed = False
+        self.profile = False
+        self.stage_ms: dict[str, float] = {}
+        src = str(getattr(gallery, "path", "gallery"))
+        self._src = src
+        contract = gallery.contract
+        n = int(gallery.n_images)
+        self.n_images = n
+        self.k_image = _check_k(k_image, n, "k_image")
+        self.k_gallery = _check_k(k_gallery, n, "k_gallery")
+        self.kmax = max(self.k_image, self.k_gallery)
+        self.sigma = float(sigma)
+        self.size = int(contract.image_size)
+        self.contract = contract
+        if n > MAX_GALLERY_IMAGES:
+            raise ConfigError(
+                f"{src}: gallery has {n} images; the cuda matcher supports at most "
+                f"{MAX_GALLERY_IMAGES} (use the numpy matcher)"
+            )
+        self._check_gallery(gallery, src)
+
+        ctx = drv.Context.get_current()
+        if ctx is None:
+            try:
+                dev = drv.Device(int(device))
+            except drv.Error as e:
+                raise BackendUnavailableError(f"cuda matcher: device {device}: {e}") from None
+            ctx = dev.retain_primary_context()
+        self._ctx = ctx
+        ctx.push()
+        try:
+            self._setup(gallery, src)
+        except BaseException:
+            self._free()
+            raise
+        finally:
+            drv.Context.pop()
+
+    # ------------------------------------------------------------------ setup
+    def _check_gallery(self, g: GalleryArrays, src: str) -> None:
+        c = g.contract
+        n = g.n_images
+        if len(g.levels) != len(c.levels) or len(g.level_sqnorms) != len(c.levels):
+            raise FormatError(
+                f"{src}: gallery has {len(g.levels)} level arrays, contract {len(c.levels)}"
+            )
+        if tuple(g.pooled.shape) != (n, c.pooled_dim) or tuple(g.pooled_sqnorms.shape) != (n,):
+            raise FormatError(f"{src}: pooled arrays do not match [N={n}, {c.pooled_dim}]")
+        for lv, a, s in zip(c.levels, g.levels, g.level_sqnorms, strict=True):
+            want = (n, lv.height, lv.width, lv.channels)
+            if tuple(a.shape) != want or tuple(s.shape) != want[:3]:
+                raise FormatError(f"{src}: level {lv.name} arrays {tuple(a.shape)} != {want}")
+
+    def _alloc(self, nbytes: int) -> Any:
+        buf = self._drv.mem_alloc(max(int(nbytes), 16))
+        self._allocs.append(buf)
+        return buf
+
+    def _setup(self, g: GalleryArrays, src: str) -> None:
+        drv = self._drv
+        dev = drv.Context.get_device()
+        self.device_name = dev.name()
+        cc = dev.compute_capability()
+        if cc < (8, 0):
+            raise BackendUnavailableError(
+                f"cuda matcher needs tensor cores with cp.async (compute capability >= 8.0); "
+                f"{self.device_name} is {cc[0]}.{cc[1]}"
+            )
+        attr = drv.device_attribute
+        n_sm = dev.get_attribute(attr.MULTIPROCESSOR_COUNT)
+        smem_optin = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        smem_sm = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+        regs_sm = dev.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR)
+        c = g.contract
+        n = self.n_images
+        s = self.size
+        cg = c.pooled_dim
+        npad = 1 << max(1, math.ceil(math.log2(n)))
+
+        # Plan the levels and check the memory budget before any big allocation.
+        plan = []
+        total = n * cg * 2 + n * 8 + n * 8 + cg * 4
+        min_total = 0
+        for lv in c.levels:
+            p = lv.height * lv.width
+            cp = padded_channels(lv.channels)
+            plan.append((lv, p, cp, min_total))
+            min_total += p
+            total += n * p * cp * 2 + n * p * 4 + p * cp * 2 + p * 4 + p * 4 + p * lv.channels * 4
+        n_out = s * s + 1 + self.kmax
+        total += 2 * s * s * 4 + n_out * 4 + 4096
+        free, _total = drv.mem_get_info()
+        if total + RESERVE_BYTES > free:
+            raise CompatibilityError(
+                f"{src}: the cuda matcher needs {total / 2**20:.0f} MiB on {self.device_name} "
+                f"for this gallery ({n} images) but only {free / 2**20:.0f} MiB are free; "
+                "use fewer gallery images, a larger GPU or the numpy matcher"
+            )
+
+        self._modules = self._compile(cc)
+        knn_mod, pooled_mod, post_mod = self._modules
+        self._stream = drv.Stream()
+
+        try:
+            # Pooled gallery: fp16 [N, Cg] + float64 norms of the fp16 values (as the oracle).
+            self._g_pooled = self._upload(g.pooled, np.float16)
+            pooled_sq = np.empty(n, dtype=np.float64)
+            for i0 in range(0, n, 4096):
+                blk = np.asarray(g.pooled[i0 : i0 + 4096], dtype=np.float64)
+                pooled_sq[i0 : i0 + len(blk)] = np.einsum("ij,ij->i", blk, blk)
+            self._gn_pooled = self._upload(pooled_sq, np.float64)
+            self._dist = self._alloc(n * 8)
+            self._q_pooled = self._alloc(cg * 4)
+
+            self._levels: list[_Level] = []
+            self._minbuf = self._alloc(min_total * 4)
+            for (lv, p, cp, off), ga, gs in zip(plan, g.levels, g.level_sqnorms, strict=True):
+                L = _Level(
+                    name=lv.name,
+                    h=lv.height,
+                    w=lv.width,
+                    c=lv.channels,
+                    cp=cp,
+                    p=p,
+                    g=self._upload_level(ga, n, p, lv.channels, cp),
+                    gn=self._upload(gs, np.float32),
+                    q16=self._alloc(p * cp * 2),
+                    qn=self._alloc(p * 4),
+                    min_off=off,
+                    stage=self._alloc(p * lv.channels * 4),
+                )
+                self._levels.append(L)
+            self._hw = (knn_mod, n_sm, smem_optin, smem_sm, regs_sm)
+            for L in self._levels:
+                self._plan_level(L)
+            table = np.array([[L.min_off, L.h, L.w] for L in self._levels], dtype=np.int32).reshape(
+                -1
+            )
+            self._table = self._upload(table, np.int32)
+            self._weights_host = gaussian_weights(self.sigma)
+            self._weights = self._upload(self._weights_host, np.float32)
+            self._tmp_a = self._alloc(s * s * 4)
+            self._tmp_b = self._alloc(s * s * 4)
+            self._out = self._alloc(n_out * 4)
+            self._out_host = drv.pagelocked_empty(n_out, dtype=np.float32)
+            self._nbr_ptr = int(self._out) + (s * s + 1) * 4
+            self._score_ptr = int(self._out) + s * s * 4
+        except drv.MemoryError as e:
+            raise CompatibilityError(
+                f"{src}: out of device memory while uploading the gallery to "
+                f"{self.device_name}: {e}"
+            ) from None
+
+        self._f_pooled = pooled_mod.get_function("pooled_dist")
+        self._f_pooled.prepare("PiiPPiP")
+        self._pooled_smem = cg * 8 + 32 * 8
+        self._set_smem(self._f_pooled, self._pooled_smem, smem_optin, "pooled_dist")
+        self._f_topk = pooled_mod.get_function("topk_select")
+        self._f_topk.prepare("PiiiiPP")
+        self._npad = npad
+        self._topk_smem = npad * 12
+        self._set_smem(self._f_topk, self._topk_smem, smem_optin, "topk_select")
+        self._f_prep = knn_mod.get_function("prep_query")
+        self._f_prep.prepare("PiiiiPPP")
+        self._f_up = post_mod.get_function("upsample_mean")
+        self._f_up.prepare("PPiiP")
+        self._f_blur = post_mod.get_function("blur_pass")
+        self._f_blur.prepare("PPiPii")
+        self._pooled_grid = (max(1, min(-(-n // 8), 4 * n_sm)), 1)
+        self._events = [drv.Event() for _ in range(4 + 2 * len(self._levels))]
+        self._stream.synchronize()
+
+    def _set_smem(self, fn: Any, nbytes: int, optin: int, what: str) -> None:
+        if nbytes > optin:
+            raise CompatibilityError(
+                f"cuda matcher: {what} needs {nbytes} bytes of shared memory; "
+                f"{self.device_name} allows {optin}"
+            )
+        if nbytes > 48 * 1024:
+            fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+
+    def _plan_level(self, L: _Level) -> None:
+        mod, n_sm, optin, smem_sm, regs_sm = self._hw
+        forced = self._block_rows
+        if forced is not None and fused_smem_bytes(forced, L.cp) <= optin:
+            L.bm = forced
+        else:  # automatic, or the forced variant does not fit this level on this GPU
+            L.bm = choose_block_rows(L.p, L.cp, optin)
+        L.smem = fused_smem_bytes(L.bm, L.cp)
+        L.fn = mod.get_function(f"knn_min_bm{L.bm}")
+        L.fn.prepare("PPiPPPiiiiP")
+        self._set_smem(L.fn, L.smem, optin, f"knn_min_bm{L.bm}")
+        regs = max(1, L.fn.get_attribute(self._drv.function_attribute.NUM_REGS))
+        per_sm = max(1, min(smem_sm // (L.smem + 1024), regs_sm // (regs * THREADS), 8))
+        tiles = -(-(self.k_gallery * L.p) // BN)
+        row_blocks = -(-L.p // L.bm)
+        L.splits, L.tiles_per_split = choose_splits(row_blocks, tiles, n_sm * per_sm, L.bm)
+
+    def _compile(self, cc: tuple[int, int]) -> tuple[Any, Any, Any]:
+        try:
+            from pycuda.compiler import SourceModule
+        except ImportError as e:
+            raise BackendUnavailableError(f"cuda matcher: pycuda.compiler: {e}") from None
+        cdir = cache_dir()
+        cdir.mkdir(parents=True, exist_ok=True)
+        arch = f"sm_{cc[0]}{cc[1]}"
+        mods = []
+        for fname in KERNEL_FILES:
+            path = KERNEL_DIR / fname
+            try:
+                source = path.read_text()
+            except OSError as e:
+                raise FormatError(f"{path}: kernel source unreadable: {e}") from None
+            try:
+                mods.append(
+                    SourceModule(
+                        source,
+                        options=list(NVCC_OPTIONS),
+                        no_extern_c=True,
+                        arch=arch,
+                        cache_dir=str(cdir),
+                    )
+                )
+            except Exception as e:  # CompileError / missing nvcc / driver JIT errors
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BackendUnavailableError(
+                    f"{path}: cannot build the CUDA kernel for {arch} (nvcc on PATH?): {first}"
+                ) from None
+        return mods[0], mods[1], mods[2]
+
+    def _upload(self, arr: Any, dtype: type) -> Any:
+        """Copy an array (any shape) to a new device buffer, in bounded host chunks."""
+        shape = tuple(arr.shape)
+        n0 = shape[0] if shape else 1
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        item = np.dtype(dtype).itemsize
+        buf = self._alloc(n0 * row * item)
+        step = max(1, UPLOAD_CHUNK_BYTES // max(1, row * item))
+        for i0 in range(0, n0, step):
+            host = np.ascontiguousarray(np.asarray(arr[i0 : i0 + step]), dtype=dtype)
+            self._drv.memcpy_htod(int(buf) + i0 * row * item, host)
+        return buf
+
+    def _upload_level(self, arr: Any, n: int, p: int, c: int, cp: int) -> Any:
+        """fp16 [N, H, W, C] -> device [N*P, Cp], channels zero-padded."""
+        buf = self._alloc(n * p * cp * 2)
+        step = max(1, UPLOAD_CHUNK_BYTES // (p * cp * 2))
+        for i0 in range(0, n, step):
+            host = np.asarray(arr[i0 : i0 + step], dtype=np.float16).reshape(-1, p, c)
+            if cp != c:
+                padded = np.zeros((len(host), p, cp), dtype=np.float16)
+                padded[..., :c] = host
+                host = padded
+            self._drv.memcpy_htod(int(buf) + i0 * p * cp * 2, np.ascontiguousarray(host))
+        return buf
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, features: Features) -> list[Score]:
+        """Score each image of the batch; device features (TensorRT) are read in place."""
+        if self._closed:
+            raise InputError("cuda matcher: score() after close()")
+        drv = self._drv
+        self._ctx.push()
+        try:
+            if features.device:
+                dtypes = _device_dtypes(features.dtypes, len(features.levels))
+                if len(features.levels) != len(self._levels):
+                    raise InputError(
+                        f"features have {len(features.levels)} levels, the gallery "
+                        f"{len(self._levels)}"
+                    )
+                return [self._score_device(features, b, dtypes) for b in range(features.batch)]
+            self._check_host(features)
+            return [self._score_host(features, b) for b in range(features.batch)]
+        finally:
+            drv.Context.pop()
+
+    def _check_host(self, f: Features) -> None:
+        if len(f.levels) != len(self._levels):
+            raise InputError(
+                f"features have {len(f.levels)} levels, the gallery {len(self._levels)}"
+            )
+        for L, a in zip(self._levels, f.levels, strict=True):
+            if a.ndim != 4 or tuple(a.shape[1:]) != (L.h, L.w, L.c) or a.shape[0] < f.batch:
+                raise InputError(
+                    f"level {L.name}: features {tuple(a.shape)} do not match the gallery "
+                    f"[B, {L.h}, {L.w}, {L.c}]"
+                )
+        pooled = np.asarray(f.pooled)
+        if pooled.shape[-1] != self.contract.pooled_dim or pooled.shape[0] < f.batch:
+            raise InputError(
+                f"pooled features {pooled.shape} do not match [B, {self.contract.pooled_dim}]"
+            )
+
+    def _score_host(self, f: Features, b: int) -> Score:
+        drv = self._drv
+        st = self._stream
+        ev = self._events if self.profile else None
+        if ev:
+            ev[0].record(st)
+        # Host features: fp32 (or fp16) uploaded to the per-level staging buffers.
+        srcs = []
+        for L, a in zip(self._levels, f.levels, strict=True):
+            x = np.asarray(a[b])
+            half = x.dtype == np.float16
+            x = np.ascontiguousarray(x, dtype=np.float16 if half else np.float32)
+            drv.memcpy_htod_async(L.stage, x, st)
+            srcs.append((int(L.stage), int(half)))
+        q = np.asarray(f.pooled[b])
+        qhalf = q.dtype == np.float16
+        q = np.ascontiguousarray(q.reshape(-1), dtype=np.float16 if qhalf else np.float32)
+        drv.memcpy_htod_async(self._q_pooled, q, st)
+        return self._run(srcs, (int(self._q_pooled), int(qhalf)), ev)
+
+    def _score_device(self, f: Features, b: int, dtypes: list[str]) -> Score:
+        ev = self._events if self.profile else None
+        if ev:
+            ev[0].record(self._stream)
+        srcs = []
+        for L, obj, dt in zip(self._levels, f.levels, dtypes[:-1], strict=True):
+            es = 2 if dt == "float16" else 4
+            srcs.append((int(obj) + b * L.p * L.c * es, int(dt == "float16")))
+        es = 2 if dtypes[-1] == "float16" else 4
+        qptr = int(f.pooled) + b * self.contract.pooled_dim * es
+        return self._run(srcs, (qptr, int(dtypes[-1] == "float16")), ev)
+
+    def _run(self, srcs: list[tuple[int, int]], pooled: tuple[int, int], ev: Any) -> Score:
+        """Queue the whole matching stage on the stream, copy the result back once."""
+        st = self._stream
+        s = self.size
+        n = self.n_images
+        if ev:
+            ev[1].record(st)
+        self._f_pooled.prepared_async_call(
+            self._pooled_grid,
+            (256, 1, 1),
+            st,
+            pooled[0],
+            pooled[1],
+            self.contract.pooled_dim,
+            int(self._g_pooled),
+            int(self._gn_pooled),
+            n,
+            int(self._dist),
+            shared_size=self._pooled_smem,
+        )
+        self._f_topk.prepared_async_call(
+            (1, 1),
+            (1024, 1, 1),
+            st,
+            int(self._dist),
+            n,
+            self._npad,
+            self.k_image,
+            self.kmax,
+            self._nbr_ptr,
+            self._score_ptr,
+            shared_size=self._topk_smem,
+        )
+        if ev:
+            ev[2].record(st)
+        minbuf = int(self._minbuf)
+        for i, (L, (ptr, half)) in enumerate(zip(self._levels, srcs, strict=True)):
+            mptr = minbuf + L.min_off * 4
+            self._f_prep.prepared_async_call(
+                (-(-L.p // 8), 1),
+                (256, 1, 1),
+                st,
+                ptr,
+                half,
+                L.p,
+                L.c,
+                L.cp,
+                int(L.q16),
+                int(L.qn),
+                mptr,
+            )
+            if ev:
+                ev[3 + 2 * i].record(st)
+            L.fn.prepared_async_call(
+                (-(-L.p // L.bm), L.splits),
+                (THREADS, 1, 1),
+                st,
+                int(L.q16),
+                int(L.qn),
+                L.p,
+                int(L.g),
+                int(L.gn),
+                self._nbr_ptr,
+                L.p,
+                self.k_gallery,
+                L.cp,
+                L.tiles_per_split,
+                mptr,
+                shared_size=L.smem,
+            )
+            if ev:
+                ev[4 + 2 * i].record(st)
+        grid = (-(-s // 32), -(-s // 8))
+        block = (32, 8, 1)
+        radius = (len(self._weights_host) - 1) // 2
+        self._f_up.prepared_async_call(
+            grid, block, st, minbuf, int(self._table), len(self._levels), s, int(self._tmp_a)
+        )
+        self._f_blur.prepared_async_call(
+            grid, block, st, int(self._tmp_a), int(self._tmp_b), s, int(self._weights), radius, 1
+        )
+        self._f_blur.prepared_async_call(
+            grid, block, st, int(self._tmp_b), int(self._out), s, int(self._weights), radius, 0
+        )
+        k = len(self._levels)
+        if ev:
+            ev[3 + 2 * k].record(st)
+        self._drv.memcpy_dtoh_async(self._out_host, self._out, st)
+        if ev:
+            ev[-1].record(st)
+        st.synchronize()
+        if ev:
+            self._record_times(ev)
+        out = self._out_host
+        amap = out[: s * s].reshape(s, s).copy()
+        score = float(out[s * s])
+        nbrs = out[s * s + 1 : s * s + 1 + self.kmax].view(np.int32).astype(np.int64)
+        return Score(score, amap, nbrs)
+
+    def _record_times(self, ev: Sequence[Any]) -> None:
+        k = len(self._levels)
+        t = {
+            "h2d": ev[1].time_since(ev[0]),
+            "pooled_knn_topk": ev[2].time_since(ev[1]),
+        }
+        prev = ev[2]
+        for i, L in enumerate(self._levels):
+            t[f"prep_{L.name}"] = ev[3 + 2 * i].time_since(prev)
+            t[f"fused_{L.name}"] = ev[4 + 2 * i].time_since(ev[3 + 2 * i])
+            prev = ev[4 + 2 * i]
+        t["upsample_mean_blur"] = ev[3 + 2 * k].time_since(prev)
+        t["d2h"] = ev[-1].time_since(ev[3 + 2 * k])
+        t["matching"] = ev[3 + 2 * k].time_since(ev[1])
+        self.stage_ms = t
+
+    def set_block_rows(self, block_rows: int | None) -> None:
+        """Re-plan the fused kernels with forced query rows per CTA (None = automatic).
+
+        For the benchmark's variant sweep and tests; the gallery stays on the device.
+        """
+        if block_rows is not None and block_rows not in BM_CHOICES:
+            raise ConfigError(f"block_rows must be one of {BM_CHOICES}, got {block_rows!r}")
+        self._block_rows = block_rows
+        self._ctx.push()
+        try:
+            for L in self._levels:
+                self._plan_level(L)
+        finally:
+            self._drv.Context.pop()
+
+    def plan(self) -> list[dict[str, int | str]]:
+        """Launch plan per level (block rows, splits, shared memory): for logs and the bench."""
+        return [
+            {
+                "level": L.name,
+                "positions": L.p,
+                "channels": L.c,
+                "padded_channels": L.cp,
+                "block_rows": L.bm,
+                "splits": L.splits,
+                "tiles_per_split": L.tiles_per_split,
+                "smem_bytes": L.smem,
+            }
+            for L in self._levels
+        ]
+
+    # ------------------------------------------------------------------ teardown
+    def _free(self) -> None:
+        for buf in self._allocs:
+            with contextlib.suppress(Exception):  # already freed / context gone at exit
+                buf.free()
+        self._allocs = []
+
+    def close(self) -> None:
+        """Free every device buffer (the gallery included)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ctx.push()
+        try:
+            self._stream.synchronize()
+            self._free()
+        finally:
+            self._drv.Context.pop()
+
+
+def _check_k(k: int, n: int, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {k!r}")
+    if k > n:
+        raise ConfigError(f"{name}={k} is larger than the gallery ({n} images)")
+    return int(k)
+
+
+def _device_dtypes(dtypes: Sequence[str], n_levels: int) -> list[str]:
+    """Per-output dtypes (levels..., pooled) from Features.dtypes: one entry each, one for all,
+    or none (float32)."""
+    d = [str(x) for x in dtypes] or ["float32"]
+    if len(d) == 1:
+        d = d * (n_levels + 1)
+    if len(d) != n_levels + 1:
+        raise InputError(
+            f"device features carry {len(d)} dtypes; expected {n_levels + 1} (levels, pooled)"
+        )
+    bad = [x for x in d if x not in ("float32", "float16")]
+    if bad:
+        raise InputError(f"device features dtype {bad[0]!r} not supported (float32 or float16)")
+    return d

@@ -1,0 +1,288 @@
+"""Benchmark of the CUDA matcher: per-stage device times and the fused kernel against cuBLAS.
+
+Stages are timed with CUDA events on the matcher's stream (pooled kNN + top-K, each level's
+fused kernel, upsample + mean + blur, D2H). The fused kernel's rate counts 2·Q·M·C FLOPs
+(Q query positions, M = K·P gallery positions, C channels) and is compared with a cuBLAS fp16
+GEMM of the same shape, measured with torch (or CuPy) here only, never in the runtime.
+The gallery is random data of the backbone's shapes: a small random block repeated to N images,
+so a 1,000-image wrn50 gallery (2.8 GB) costs no host-side generation time.
+
+Run: ``python -m spade_edge.runtime.matchers.cuda_bench [--k 50] [--n-gallery 1000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spade_edge.runtime.contract import Contract, Level, resize_for
+from spade_edge.runtime.runners.base import Features
+
+WRN50: dict[str, Any] = {
+    "backbone": "wrn50",
+    "levels": [("layer1", 56, 56, 256), ("layer2", 28, 28, 512), ("layer3", 14, 14, 1024)],
+    "pooled": 2048,
+    "image_size": 224,
+}
+LITE0: dict[str, Any] = {
+    "backbone": "efficientnet_lite0",
+    "levels": [("block2", 56, 56, 24), ("block4", 28, 28, 40), ("block10", 14, 14, 112)],
+    "pooled": 1280,
+    "image_size": 224,
+}
+BACKBONES = {"wrn50": WRN50, "efficientnet_lite0": LITE0, "lite0": LITE0}
+
+
+class _Tiled:
+    """Array-like of ``n`` rows that repeats ``base`` along axis 0 (slices materialise)."""
+
+    def __init__(self, base: np.ndarray, n: int) -> None:
+        self.base = base
+        self.shape = (n, *base.shape[1:])
+        self.dtype = base.dtype
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, step = sl.indices(self.shape[0])
+        return self.base[np.arange(start, stop, step) % len(self.base)]
+
+
+class _RandomGallery:
+    """GalleryArrays of random post-ReLU-like fp16 features (``distinct`` real images)."""
+
+    def __init__(self, shapes: dict[str, Any], n: int, seed: int = 0, distinct: int = 32) -> None:
+        rng = np.random.default_rng(seed)
+        s = int(shapes["image_size"])
+        levels = tuple(
+            Level(name=name, stride=4 << i, channels=c, height=h, width=w)
+            for i, (name, h, w, c) in enumerate(shapes["levels"])
+        )
+        self.contract = Contract(
+            backbone=str(shapes["backbone"]),
+            weights="random",
+            levels=levels,
+            pooled_dim=int(shapes["pooled"]),
+            image_size=s,
+            resize=resize_for(s),
+        )
+        d = min(n, distinct)
+        self.n_images = n
+        self.path = f"random {shapes['backbone']} gallery"
+        pooled = np.abs(rng.standard_normal((d, self.contract.pooled_dim), dtype=np.float32))
+        p16 = pooled.astype(np.float16)
+        self.pooled = _Tiled(p16, n)
+        self.pooled_sqnorms = _Tiled((p16.astype(np.float32) ** 2).sum(-1), n)
+        self.levels = []
+        self.level_sqnorms = []
+        for lv in levels:
+            a = np.abs(rng.standard_normal((d, lv.height, lv.width, lv.channels), np.float32))
+            a16 = a.astype(np.float16)
+            self.levels.append(_Tiled(a16, n))
+            self.level_sqnorms.append(_Tiled((a16.astype(np.float32) ** 2).sum(-1), n))
+
+
+def _device_query(drv: Any, contract: Contract, seed: int) -> tuple[Features, list[Any]]:
+    """One image's fp32 features in device memory, as the TensorRT runner hands them over."""
+    rng = np.random.default_rng(seed + 1)
+    bufs = []
+    for lv in contract.levels:
+        a = np.abs(rng.standard_normal((1, lv.height, lv.width, lv.channels), dtype=np.float32))
+        bufs.append(drv.to_device(a))
+    pooled = drv.to_device(np.abs(rng.standard_normal((1, contract.pooled_dim), np.float32)))
+    f = Features(
+        levels=list(bufs),
+        pooled=pooled,
+        batch=1,
+        device=True,
+        dtypes=("float32",) * (len(bufs) + 1),
+    )
+    return f, [*bufs, pooled]
+
+
+def gemm_tflops(q: int, m: int, c: int, repeats: int = 10) -> float | None:
+    """cuBLAS fp16 GEMM (fp32 accumulation) rate for [q, c] x [c, m], via torch or CuPy."""
+    flops = 2.0 * q * m * c
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ImportError("torch without CUDA")
+        a = torch.randn(q, c, device="cuda", dtype=torch.float16)
+        b = torch.randn(m, c, device="cuda", dtype=torch.float16)
+        out = torch.empty(q, m, device="cuda", dtype=torch.float16)
+        for _ in range(3):
+            torch.matmul(a, b.t(), out=out)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.matmul(a, b.t(), out=out)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / repeats
+        del a, b, out
+        torch.cuda.empty_cache()
+        return flops / (ms * 1e-3) / 1e12
+    except ImportError:
+        pass
+    try:
+        import cupy as cp
+    except ImportError:
+        return None
+    a = cp.random.standard_normal((q, c), dtype=cp.float32).astype(cp.float16)
+    b = cp.random.standard_normal((c, m), dtype=cp.float32).astype(cp.float16)
+    for _ in range(3):
+        cp.matmul(a, b)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        cp.matmul(a, b)
+    end.record()
+    end.synchronize()
+    ms = cp.cuda.get_elapsed_time(start, end) / repeats
+    return flops / (ms * 1e-3) / 1e12
+
+
+def _median_stages(m: Any, f: Features, repeats: int) -> tuple[dict[str, float], float]:
+    for _ in range(3):
+        m.score(f)
+    runs: list[dict[str, float]] = []
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m.score(f)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        runs.append(dict(m.stage_ms))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}, statistics.median(walls)
+
+
+def bench_cuda_matcher(
+    backbone_shapes: dict[str, Any] = WRN50,
+    k: int | Sequence[int] = 50,
+    n_gallery: int = 1000,
+    repeats: int = 20,
+    gemm: bool = True,
+    block_rows: Sequence[int | None] = (None,),
+    device: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per (K, block-rows variant): median device ms per stage, fused TFLOP/s vs GEMM.
+
+    ``block_rows`` sweeps the fused kernel's query rows per CTA (None = the automatic choice);
+    variants that do not fit the GPU's shared memory are skipped.
+    """
+    from spade_edge.runtime.errors import CompatibilityError
+    from spade_edge.runtime.matchers.cuda import CudaMatcher, _import_pycuda
+
+    drv = _import_pycuda()
+    ks = [k] if isinstance(k, int) else list(k)
+    gal = _RandomGallery(backbone_shapes, n_gallery)
+    contract = gal.contract
+    gemm_rates: dict[tuple[int, int, int], float | None] = {}
+    rows: list[dict[str, Any]] = []
+    for kk in ks:
+        m = CudaMatcher(gal, k_image=kk, k_gallery=kk, device=device)
+        m._ctx.push()
+        try:
+            f, keep = _device_query(drv, contract, 0)
+        finally:
+            drv.Context.pop()
+        try:
+            m.profile = True
+            for bm in block_rows:
+                try:
+                    m.set_block_rows(bm)
+                except CompatibilityError:
+                    continue
+                stages, wall = _median_stages(m, f, repeats)
+                row: dict[str, Any] = {
+                    "backbone": contract.backbone,
+                    "k": kk,
+                    "n_gallery": n_gallery,
+                    "block_rows": "auto" if bm is None else bm,
+                    "device": m.device_name,
+                }
+                row.update({f"{name}_ms": round(v, 4) for name, v in stages.items()})
+                for lv, plan in zip(contract.levels, m.plan(), strict=True):
+                    q, mm, c = lv.positions, kk * lv.positions, lv.channels
+                    t = stages[f"fused_{lv.name}"]
+                    rate = 2.0 * q * mm * c / (t * 1e-3) / 1e12
+                    row[f"fused_{lv.name}_tflops"] = round(rate, 1)
+                    row[f"plan_{lv.name}"] = f"BM={plan['block_rows']} x{plan['splits']}"
+                    if gemm:
+                        key = (q, mm, c)
+                        if key not in gemm_rates:
+                            gemm_rates[key] = gemm_tflops(q, mm, c)
+                        g = gemm_rates[key]
+                        if g:
+                            row[f"gemm_{lv.name}_tflops"] = round(g, 1)
+                            row[f"fused_vs_gemm_{lv.name}"] = round(rate / g, 3)
+                row["wall_ms_per_image"] = round(wall, 3)
+                rows.append(row)
+        finally:
+            m._ctx.push()
+            try:
+                for b in keep:
+                    b.free()
+            finally:
+                drv.Context.pop()
+            m.close()
+    return rows
+
+
+def run_default(ks: Sequence[int] = (5, 50), repeats: int = 5) -> list[dict[str, Any]]:
+    """What ``spade-bench --matcher cuda`` shows: wrn50 and Lite0, 1,000 gallery images."""
+    rows = []
+    for shapes in (WRN50, LITE0):
+        rows += bench_cuda_matcher(shapes, k=list(ks), n_gallery=1000, repeats=repeats)
+    return rows
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list(dict.fromkeys(key for r in rows for key in r))
+    t = Table(title="CUDA matcher (median device ms per stage)")
+    t.add_column("stage")
+    for r in rows:
+        t.add_column(f"{r['backbone']} K={r['k']} BM={r['block_rows']}", justify="right")
+    for key in keys:
+        if key in ("backbone", "k", "block_rows"):
+            continue
+        t.add_row(key, *[str(r.get(key, "")) for r in rows])
+    Console(width=max(100, 24 + 22 * len(rows))).print(t)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", choices=sorted(BACKBONES), default="wrn50")
+    ap.add_argument("--k", type=int, nargs="+", default=[5, 50])
+    ap.add_argument("--n-gallery", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-gemm", action="store_true")
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time every fused-kernel block-rows variant"
+    )
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    variants: list[int | None] = [None, 128, 64, 32, 16] if a.sweep else [None]
+    rows = bench_cuda_matcher(
+        BACKBONES[a.backbone],
+        k=a.k,
+        n_gallery=a.n_gallery,
+        repeats=a.repeats,
+        gemm=not a.no_gemm,
+        block_rows=variants,
+    )
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
