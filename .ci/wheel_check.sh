@@ -3,6 +3,7 @@
 # lean runtime works without torch and that every console script starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rm -rf build  # stale build/lib files would leak into the wheel
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 .venv/bin/python -m build --wheel --outdir "$tmp/dist" . >/dev/null

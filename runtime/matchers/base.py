@@ -15,10 +15,20 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.errors import ConfigError
 from spade_edge.runtime.runners.base import Features
 
 DEFAULT_K = 5
 DEFAULT_SIGMA = 4.0
+
+
+def check_k(k: int, n: int, name: str) -> int:
+    """K must be an integer in 1..N: a clear error otherwise (callers prefix the gallery file)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {k!r}")
+    if k > n:
+        raise ConfigError(f"{name}={k} is larger than the gallery ({n} images)")
+    return int(k)
 
 
 class GalleryArrays(Protocol):

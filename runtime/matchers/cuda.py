@@ -32,7 +32,13 @@ from spade_edge.runtime.errors import (
     FormatError,
     InputError,
 )
-from spade_edge.runtime.matchers.base import DEFAULT_K, DEFAULT_SIGMA, GalleryArrays, Score
+from spade_edge.runtime.matchers.base import (
+    DEFAULT_K,
+    DEFAULT_SIGMA,
+    GalleryArrays,
+    Score,
+    check_k,
+)
 from spade_edge.runtime.runners.base import Features
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -192,8 +198,8 @@ class CudaMatcher:
         contract = gallery.contract
         n = int(gallery.n_images)
         self.n_images = n
-        self.k_image = _check_k(k_image, n, "k_image")
-        self.k_gallery = _check_k(k_gallery, n, "k_gallery")
+        self.k_image = check_k(k_image, n, "k_image")
+        self.k_gallery = check_k(k_gallery, n, "k_gallery")
         self.kmax = max(self.k_image, self.k_gallery)
         self.sigma = float(sigma)
         self.size = int(contract.image_size)
@@ -674,14 +680,6 @@ class CudaMatcher:
             self._free()
         finally:
             self._drv.Context.pop()
-
-
-def _check_k(k: int, n: int, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {k!r}")
-    if k > n:
-        raise ConfigError(f"{name}={k} is larger than the gallery ({n} images)")
-    return int(k)
 
 
 def _device_dtypes(dtypes: Sequence[str], n_levels: int) -> list[str]:

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from spade_edge.runtime.errors import ConfigError, InputError
-from spade_edge.runtime.matchers.base import DEFAULT_K, DEFAULT_SIGMA, GalleryArrays, Score
+from spade_edge.runtime.errors import InputError
+from spade_edge.runtime.matchers.base import (
+    DEFAULT_K,
+    DEFAULT_SIGMA,
+    GalleryArrays,
+    Score,
+    check_k,
+)
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import combine_levels
 
@@ -23,15 +29,6 @@ TILE_ELEMENTS = 4 * 1024 * 1024
 EPS32 = float(np.finfo(np.float32).eps)
 #: Squared distances below this are re-ranked exactly (see min_sq_distances).
 REFINE_BELOW = 1.0
-
-
-def check_k(k: int, n: int, name: str) -> int:
-    """K must be in 1..N: a clear error otherwise (the gallery file is named by the caller)."""
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {k!r}")
-    if k > n:
-        raise ConfigError(f"{name}={k} is larger than the gallery ({n} images)")
-    return int(k)
 
 
 def nearest_images(

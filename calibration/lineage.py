@@ -1,0 +1,511 @@
+"""Lineage of derived (fp16 / INT8) models, and the rule for reusing the parent's galleries.
+
+Why: a gallery holds features computed by one exact model (its fingerprint). An fp16 or INT8
+model derived from that fp32 model computes *almost* the same features, so re-packing the
+gallery is usually unnecessary -- but only if someone measured that "almost". The derived
+model therefore carries a lineage record in its ONNX metadata (``spade_edge.lineage``)::
+
+    {"version": 1, "parent_fingerprint": <fp32 model>, "fingerprint": <this graph>,
+     "precision": "fp16"|"int8", "check": {...accuracy check on held-out normal images...},
+     "tolerances": {...}, "passed": bool, "gallery_compatible": bool, "tool": {...}}
+
+A gallery packed with the parent is accepted by the derived model only when that record says
+so (see :func:`gallery_accepts`); otherwise the user is told to repack with the derived model.
+
+This module is imported by the runtime (``Detector``), so it imports neither onnx nor torch at
+module level; the accuracy check loads ONNX Runtime lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spade_edge.runtime.contract import METADATA_CONTRACT_KEY, METADATA_FINGERPRINT_KEY, Contract
+from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.model_meta import ModelInfo, read_model_info
+
+METADATA_LINEAGE_KEY = "spade_edge.lineage"
+LINEAGE_VERSION = 1
+DERIVED_PRECISIONS = ("fp16", "int8")
+
+#: Held-out normal images scored in the accuracy check (queries) and parent-model features
+#: forming the check's mini gallery (reference). Fewer than the minimum -> check not run.
+CHECK_QUERIES = 8
+CHECK_REFERENCE = 16
+MIN_CHECK_QUERIES = 4
+MIN_CHECK_REFERENCE = 4
+CHECK_K = 5
+
+#: Contract fields that may differ between a model and the gallery it reads (everything else
+#: -- preprocessing, levels, shapes -- must be identical for features to be comparable).
+_DERIVED_FIELDS = ("precision", "parent_fingerprint", "extra")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Largest deviations (derived vs parent, on held-out normal images) that still pass.
+
+    ``image_score_rel``: max over images of |s_derived - s_parent| / max(s_parent) (SPADE
+    image score against a gallery of parent features; normalised by the largest normal score,
+    the scale image thresholds are set at). ``map_rel``: max over images and pixels of
+    |m_derived - m_parent| / max(m_parent), m = the final anomaly map (upsampled, averaged,
+    blurred): a pixel moves by at most this fraction of the largest normal map value, which is
+    the scale pixel thresholds are set at. ``min_cosine``: smallest cosine similarity between
+    derived and parent output tensors of one image (any output). Measured values and the
+    margin: docs/precision.md.
+    """
+
+    image_score_rel: float
+    map_rel: float
+    min_cosine: float
+
+
+#: Reusing a gallery is about scores, not about how the model was made, so fp16 and INT8 face
+#: the same limits: about 2x the worst fp16 deviation measured on MVTec bottle with Lite0
+#: (image 0.0044, map 0.0087, cosine 0.99998). INT8 measures ~0.2-0.3 on both deviations,
+#: i.e. it needs its own gallery (docs/precision.md, "Accuracy check").
+GALLERY_REUSE_TOLERANCES = Tolerances(image_score_rel=0.01, map_rel=0.02, min_cosine=0.999)
+DEFAULT_TOLERANCES: dict[str, Tolerances] = {
+    "fp16": GALLERY_REUSE_TOLERANCES,
+    "int8": GALLERY_REUSE_TOLERANCES,
+}
+
+
+@dataclass
+class Lineage:
+    """The ``spade_edge.lineage`` metadata record of a derived model."""
+
+    parent_fingerprint: str
+    fingerprint: str
+    precision: str
+    check: dict[str, Any]
+    tolerances: dict[str, float]
+    passed: bool
+    gallery_compatible: bool
+    tool: dict[str, Any] = field(default_factory=dict)
+    version: int = LINEAGE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> Lineage:
+        """Parse and type-check; every problem is a FormatError naming ``source``."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{source}: lineage record is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise FormatError(f"{source}: lineage record is not a JSON object")
+        if d.get("version") != LINEAGE_VERSION:
+            raise FormatError(
+                f"{source}: lineage version {d.get('version')!r} is not supported "
+                f"(this spade-edge reads version {LINEAGE_VERSION})"
+            )
+        want = {
+            "parent_fingerprint": str,
+            "fingerprint": str,
+            "precision": str,
+            "check": dict,
+            "tolerances": dict,
+            "passed": bool,
+            "gallery_compatible": bool,
+            "tool": dict,
+        }
+        for key, typ in want.items():
+            if not isinstance(d.get(key), typ):
+                raise FormatError(f"{source}: lineage field {key!r} missing or not {typ.__name__}")
+        for key in ("parent_fingerprint", "fingerprint"):
+            if not _is_fingerprint(d[key]):
+                raise FormatError(f"{source}: lineage field {key!r} is not a SHA-256 hex digest")
+        return cls(**{k: d[k] for k in (*want, "version")})
+
+
+def _is_fingerprint(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def read_lineage(metadata: Mapping[str, str], source: str = "model") -> Lineage | None:
+    """The lineage record of a model's metadata, None when it has none."""
+    text = metadata.get(METADATA_LINEAGE_KEY)
+    return None if text is None else Lineage.from_json(text, source)
+
+
+# ----------------------------------------------------------------------- the acceptance rule
+
+
+def same_features(a: Contract, b: Contract) -> bool:
+    """True when two contracts describe the same preprocessing and output tensors.
+
+    Precision, parent fingerprint and free-form ``extra`` may differ; nothing else.
+    """
+    blank = dict.fromkeys(_DERIVED_FIELDS)
+    blank["extra"] = {}
+    return replace(a, **blank) == replace(b, **blank)  # type: ignore[arg-type]
+
+
+def gallery_decision(
+    gallery_fingerprint: str, model_contract: Contract, model_metadata: Mapping[str, str]
+) -> tuple[bool, str]:
+    """(accepted, reason). The one place the reuse rule lives (docs/precision.md)."""
+    fp = model_metadata.get(METADATA_FINGERPRINT_KEY)
+    if fp is not None and fp == gallery_fingerprint:
+        return True, "same model"
+    if model_contract.precision not in DERIVED_PRECISIONS:
+        return False, f"the model is a different {model_contract.precision} model"
+    if model_contract.parent_fingerprint != gallery_fingerprint:
+        return False, (
+            f"the model is derived from {str(model_contract.parent_fingerprint)[:16]}…, "
+            f"not from the gallery's model"
+        )
+    try:
+        lin = read_lineage(model_metadata)
+    except FormatError as e:
+        return False, f"its lineage record is unreadable ({e})"
+    if lin is None:
+        return False, "it carries no lineage record (spade_edge.lineage)"
+    if lin.parent_fingerprint != gallery_fingerprint:
+        return False, "its lineage names another parent model"
+    if lin.precision != model_contract.precision:
+        return False, (
+            f"its lineage is for {lin.precision}, the contract says {model_contract.precision}"
+        )
+    if fp is None or lin.fingerprint != fp:
+        return False, "its lineage record belongs to another graph (model edited after conversion)"
+    if not lin.passed:
+        failed = ", ".join(lin.check.get("failed", [])) or lin.check.get("reason", "not run")
+        return False, f"its accuracy check on held-out normal images did not pass ({failed})"
+    if not lin.gallery_compatible:
+        return False, "its lineage does not declare it gallery-compatible"
+    return True, "derived model whose accuracy check passed"
+
+
+def gallery_accepts(
+    gallery_fingerprint: str, model_contract: Contract, model_metadata: Mapping[str, str]
+) -> bool:
+    """May a model use a gallery packed with ``gallery_fingerprint``?
+
+    Yes for the packing model itself; for an fp16/INT8 model derived from it only when its
+    lineage record names that parent, is bound to this graph, and says the accuracy check
+    passed and the model is gallery-compatible. This is the ``allow_derived`` value for
+    ``Gallery.check_model``.
+    """
+    return gallery_decision(gallery_fingerprint, model_contract, model_metadata)[0]
+
+
+def check_gallery_for_model(gallery: Any, model: str | Path | ModelInfo) -> bool:
+    """Raise CompatibilityError (telling the user to repack) unless the gallery may be used.
+
+    ``gallery``: anything with ``fingerprint``, ``contract`` and ``path`` (e.g. ``Gallery``).
+    ``model``: an ONNX path or a ``ModelInfo``. Returns True when the model is a derived one
+    reusing its parent's gallery, False when it is the packing model itself.
+    """
+    info = model if isinstance(model, ModelInfo) else read_model_info(model)
+    source = str(info.path)
+    repack = (
+        f"repack the gallery with this model: `spade-pack {source} NORMAL_IMAGES... -o NEW.bin`"
+    )
+    if not same_features(gallery.contract, info.contract):
+        raise CompatibilityError(
+            f"gallery {gallery.path}: its features ({gallery.contract.backbone}, "
+            f"{gallery.contract.image_size}px) do not match model {source} "
+            f"({info.contract.backbone}, {info.contract.image_size}px); {repack}"
+        )
+    ok, reason = gallery_decision(gallery.fingerprint, info.contract, info.metadata)
+    if not ok:
+        raise CompatibilityError(
+            f"gallery {gallery.path} was packed with model {gallery.fingerprint[:16]}…, "
+            f"and {source} ({info.contract.precision}, {info.fingerprint[:16]}…) may not reuse "
+            f"it: {reason}; {repack}"
+        )
+    derived = info.fingerprint != gallery.fingerprint
+    check = getattr(gallery, "check_model", None)
+    if callable(check):  # keep the gallery's own check in the loop (same rule, its message)
+        check(
+            info.fingerprint,
+            source,
+            parent_fingerprint=info.contract.parent_fingerprint,
+            allow_derived=derived,
+        )
+    return derived
+
+
+# ----------------------------------------------------------------------- the accuracy check
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    return float(a64 @ b64 / den) if den > 0 else (1.0 if not a64.any() and not b64.any() else 0.0)
+
+
+def _features(runner: Any, x: np.ndarray, batch: int = 8) -> tuple[list[np.ndarray], np.ndarray]:
+    levels: list[list[np.ndarray]] = []
+    pooled: list[np.ndarray] = []
+    for s in range(0, len(x), batch):
+        f = runner.infer(x[s : s + batch]).to_host()
+        levels.append([np.asarray(lv, dtype=np.float32) for lv in f.levels])
+        pooled.append(np.asarray(f.pooled, dtype=np.float32))
+    return [np.concatenate(z) for z in zip(*levels, strict=True)], np.concatenate(pooled)
+
+
+@dataclass
+class _MiniGallery:
+    """In-memory ``GalleryArrays``: parent features stored exactly like a packed gallery."""
+
+    contract: Contract
+    n_images: int
+    pooled: np.ndarray
+    pooled_sqnorms: np.ndarray
+    levels: list[np.ndarray]
+    level_sqnorms: list[np.ndarray]
+
+    @classmethod
+    def build(cls, contract: Contract, levels: list[np.ndarray], pooled: np.ndarray) -> Any:
+        from spade_edge.runtime.gallery import sqnorms_fp16
+
+        lv16 = [np.ascontiguousarray(lv, dtype=np.float16) for lv in levels]
+        p16 = np.ascontiguousarray(pooled, dtype=np.float16)
+        return cls(
+            contract, len(p16), p16, sqnorms_fp16(p16), lv16, [sqnorms_fp16(lv) for lv in lv16]
+        )
+
+
+def spade_scores(
+    contract: Contract,
+    gallery_levels: list[np.ndarray],
+    gallery_pooled: np.ndarray,
+    levels: list[np.ndarray],
+    pooled: np.ndarray,
+    k_image: int = CHECK_K,
+    k_gallery: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores [N] and anomaly maps [N, S, S] of query features against a mini gallery.
+
+    Uses the runtime's NumPy matcher (the scoring oracle): kNN image score, per-level
+    nearest-position distances among the ``k_gallery`` nearest gallery images (None: all of
+    them), upsampling, level mean and blur.
+    """
+    from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
+    from spade_edge.runtime.runners.base import Features
+
+    g = _MiniGallery.build(contract, gallery_levels, gallery_pooled)
+    kg = g.n_images if k_gallery is None else min(k_gallery, g.n_images)
+    m = NumpyMatcher(g, k_image=min(k_image, g.n_images), k_gallery=kg)
+    res = m.score(Features(levels=levels, pooled=pooled, batch=len(pooled)))
+    return (
+        np.array([r.image_score for r in res], dtype=np.float64),
+        np.stack([r.anomaly_map for r in res]).astype(np.float64),
+    )
+
+
+def accuracy_check(
+    parent: str | Path,
+    derived: str | Path,
+    queries: np.ndarray,
+    reference: np.ndarray,
+    precision: str,
+    tolerances: Tolerances | None = None,
+) -> dict[str, Any]:
+    """Compare a derived model with its parent on held-out normal images.
+
+    ``queries`` [N,3,S,S] and ``reference`` [M,3,S,S] are preprocessed normal images (the
+    queries must not have been used for calibration). The reference images, run through the
+    PARENT, form a mini gallery stored like a packed one (fp16); queries are scored against it
+    with the parent's and with the derived model's features -- the situation of a derived model
+    reusing its parent's gallery. Image scores use k = 5 neighbours; anomaly maps search all
+    reference images, so a near-tie between two normal images that flips the neighbour choice
+    (a large jump in a 16-image mini gallery, negligible in a real one) is not mistaken for a
+    precision error. Returns the measurements, the failed criteria and ``passed``.
+    """
+    from spade_edge.runtime.runners.ort import OrtRunner
+
+    tol = tolerances or DEFAULT_TOLERANCES[precision]
+    if len(queries) < MIN_CHECK_QUERIES or len(reference) < MIN_CHECK_REFERENCE:
+        return {
+            "run": False,
+            "passed": False,
+            "reason": (
+                f"too few held-out normal images ({len(queries)} queries, {len(reference)} "
+                f"reference; need {MIN_CHECK_QUERIES} and {MIN_CHECK_REFERENCE})"
+            ),
+            "failed": ["not run"],
+        }
+    pr = OrtRunner(parent)
+    dr = OrtRunner(derived)
+    try:
+        contract = pr.contract
+        g_levels, g_pooled = _features(pr, reference)
+        p_levels, p_pooled = _features(pr, queries)
+        d_levels, d_pooled = _features(dr, queries)
+    finally:
+        pr.close()
+        dr.close()
+
+    outputs: dict[str, dict[str, float]] = {}
+    names = contract.output_names
+    for name, p, dd in zip(names, [*p_levels, p_pooled], [*d_levels, d_pooled], strict=True):
+        scale = float(np.abs(p).max())
+        outputs[name] = {
+            "max_rel": float(np.abs(dd - p).max() / scale) if scale > 0 else 0.0,
+            "min_cosine": min(_cosine(dd[i], p[i]) for i in range(len(p))),
+        }
+    ps, pmaps = spade_scores(contract, g_levels, g_pooled, p_levels, p_pooled)
+    ds, dmaps = spade_scores(contract, g_levels, g_pooled, d_levels, d_pooled)
+    image_rel = float(np.abs(ds - ps).max() / max(float(ps.max()), 1e-12))
+    map_scale = float(pmaps.max())
+    map_rel = float(np.abs(dmaps - pmaps).max() / max(map_scale, 1e-12))
+    map_mean_rel = float(np.abs(dmaps - pmaps).mean() / max(float(pmaps.mean()), 1e-12))
+    min_cos = min(o["min_cosine"] for o in outputs.values())
+    failed = []
+    if not image_rel <= tol.image_score_rel:
+        failed.append(f"image score deviation {image_rel:.4f} > {tol.image_score_rel}")
+    if not map_rel <= tol.map_rel:
+        failed.append(f"anomaly map deviation {map_rel:.4f} > {tol.map_rel}")
+    if not min_cos >= tol.min_cosine:
+        failed.append(f"feature cosine {min_cos:.5f} < {tol.min_cosine}")
+    return {
+        "run": True,
+        "queries": len(queries),
+        "reference": len(reference),
+        "k_image": min(CHECK_K, len(reference)),
+        "k_gallery": len(reference),
+        "image_score_rel": image_rel,
+        "map_rel": map_rel,
+        "map_mean_rel": map_mean_rel,
+        "min_cosine": min_cos,
+        "outputs": outputs,
+        "failed": failed,
+        "passed": not failed,
+    }
+
+
+# --------------------------------------------------------------- stamping and atomic writing
+
+
+def graph_fingerprint(model: Any) -> str:
+    """The export rule (SHA-256 of the deterministic graph serialisation)."""
+    from spade_edge.export.onnx_export import graph_fingerprint as _fp
+
+    return _fp(model)
+
+
+def stamp_derived(
+    model: Any, parent: ModelInfo, precision: str, extra: Mapping[str, Any] | None = None
+) -> tuple[Contract, str]:
+    """Write the derived contract and the new graph fingerprint into ``model`` (in place).
+
+    The contract is the parent's with ``precision`` and ``parent_fingerprint`` set; ``extra``
+    is merged into ``contract.extra``. Other metadata of the parent is kept, except a stale
+    lineage record. Returns (contract, fingerprint).
+    """
+    contract = parent.contract.with_precision(precision, parent.fingerprint)
+    if extra:
+        contract = replace(contract, extra={**contract.extra, **extra})
+    fingerprint = graph_fingerprint(model)
+    props = {k: v for k, v in parent.metadata.items() if k != METADATA_LINEAGE_KEY}
+    props[METADATA_CONTRACT_KEY] = contract.to_json()
+    props[METADATA_FINGERPRINT_KEY] = fingerprint
+    set_metadata(model, props)
+    return contract, fingerprint
+
+
+def set_metadata(model: Any, props: Mapping[str, str]) -> None:
+    """Replace ``model.metadata_props`` with ``props`` (sorted, so output bytes are stable)."""
+    del model.metadata_props[:]
+    for k in sorted(props):
+        p = model.metadata_props.add()
+        p.key, p.value = k, props[k]
+
+
+def set_lineage(model: Any, lineage: Lineage) -> None:
+    props = {p.key: p.value for p in model.metadata_props}
+    props[METADATA_LINEAGE_KEY] = lineage.to_json()
+    set_metadata(model, props)
+
+
+def save_model_atomic(model: Any, dst: str | Path) -> Path:
+    """Serialise an ONNX ModelProto to ``dst``: temp file in the same folder, fsync, replace."""
+    dst = Path(dst)
+    folder = dst.parent if str(dst.parent) else Path(".")
+    data = model.SerializeToString()
+    if len(data) >= 2**31 - 1:
+        raise FormatError(f"{dst}: model is over 2 GB, which a single-file ONNX cannot hold")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write to {folder} ({e.strerror or e})") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
+        os.replace(tmp, dst)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(f"{dst}: cannot write model ({e.strerror or e})") from None
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return dst
+
+
+def make_lineage(
+    parent: ModelInfo,
+    fingerprint: str,
+    precision: str,
+    check: dict[str, Any],
+    tool: Mapping[str, Any],
+    tolerances: Tolerances | None = None,
+    derived_contract: Contract | None = None,
+) -> Lineage:
+    """Build the lineage record; gallery-compatible iff the check passed and features match."""
+    tol = tolerances or DEFAULT_TOLERANCES[precision]
+    passed = bool(check.get("passed"))
+    compatible = passed and (
+        derived_contract is None or same_features(parent.contract, derived_contract)
+    )
+    return Lineage(
+        parent_fingerprint=parent.fingerprint,
+        fingerprint=fingerprint,
+        precision=precision,
+        check=check,
+        tolerances=asdict(tol),
+        passed=passed,
+        gallery_compatible=compatible,
+        tool=dict(tool),
+    )
+
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "METADATA_LINEAGE_KEY",
+    "Lineage",
+    "Tolerances",
+    "accuracy_check",
+    "check_gallery_for_model",
+    "gallery_accepts",
+    "gallery_decision",
+    "read_lineage",
+    "same_features",
+    "save_model_atomic",
+    "spade_scores",
+    "stamp_derived",
+]
