@@ -18,10 +18,7 @@ module level; the accuracy check loads ONNX Runtime lazily.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.contract import METADATA_CONTRACT_KEY, METADATA_FINGERPRINT_KEY, Contract
-from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.errors import CompatibilityError, FormatError
+from spade_edge.runtime.fileio import write_atomic
 from spade_edge.runtime.model_meta import ModelInfo, read_model_info
 
 METADATA_LINEAGE_KEY = "spade_edge.lineage"
@@ -434,36 +432,12 @@ def set_lineage(model: Any, lineage: Lineage) -> None:
 
 
 def save_model_atomic(model: Any, dst: str | Path) -> Path:
-    """Serialise an ONNX ModelProto to ``dst``: temp file in the same folder, fsync, replace."""
+    """Serialise an ONNX ModelProto to ``dst`` atomically (see runtime/fileio.py)."""
     dst = Path(dst)
-    folder = dst.parent if str(dst.parent) else Path(".")
     data = model.SerializeToString()
     if len(data) >= 2**31 - 1:
         raise FormatError(f"{dst}: model is over 2 GB, which a single-file ONNX cannot hold")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise InputError(f"{dst}: cannot write to {folder} ({e.strerror or e})") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
-        os.replace(tmp, dst)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise InputError(f"{dst}: cannot write model ({e.strerror or e})") from None
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_atomic(dst, data)
     return dst
 
 

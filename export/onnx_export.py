@@ -15,7 +15,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from spade_edge.export.backbones import BackboneSpec, get_backbone
-from spade_edge.export.weights import chmod_like_open
 from spade_edge.runtime.contract import (
     METADATA_CONTRACT_KEY,
     METADATA_FINGERPRINT_KEY,
@@ -34,6 +32,7 @@ from spade_edge.runtime.contract import (
     resize_for,
 )
 from spade_edge.runtime.errors import ExportError, InputError
+from spade_edge.runtime.fileio import atomic_path
 
 #: Largest accepted relative error (max|ort - torch| / max|torch|, per output) of the fp32 export.
 PARITY_RTOL = 1e-4
@@ -242,16 +241,8 @@ def export_onnx(
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: is a folder; give the output a file name like model.onnx")
-    folder = out.parent if str(out.parent) else Path(".")
-    # fail on an unwritable destination before minutes of export work, and hold the temp name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ExportError(f"{out}: cannot write to {folder} ({e.strerror or e})") from None
-    tmp = Path(tmp_name)
-    try:
-        os.close(fd)
+    # atomic_path fails on an unwritable destination before minutes of export work
+    with atomic_path(out, ExportError, make_parents=True) as tmp:
         module, tag = build_feature_model(spec, weights, seed, progress, cache_dir)
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((PARITY_BATCH, 3, image_size, image_size), dtype=np.float32)
@@ -325,22 +316,4 @@ def export_onnx(
                     f"{out}: parity check failed: output {worst} differs from torch by "
                     f"{report.max_rel:.2e} relative (limit {rtol:.0e}); nothing written"
                 )
-        try:
-            chmod_like_open(tmp)
-            os.replace(tmp, out)
-        except OSError as e:
-            raise ExportError(f"{out}: cannot replace it ({e.strerror or e})") from None
-        _fsync_dir(folder)
-        return report
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    return report

@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 from spade_edge.export.backbones import BackboneSpec, WeightSource
 from spade_edge.runtime.errors import WeightsError
+from spade_edge.runtime.fileio import atomic_path
 
 CHUNK = 1 << 20
 DEFAULT_SEED = 0
@@ -90,10 +90,8 @@ def download_verified(
     (network, hash mismatch, disk) nothing is left behind and a WeightsError says what to do.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     h = hashlib.sha256()
-    try:
+    with atomic_path(dest, WeightsError, ".part") as tmp:
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)  # http(s) or file:// (tests)
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -103,15 +101,13 @@ def download_verified(
                 f"/path/to/{dest.name} (a copy of that file), put it in {dest.parent}, "
                 "or use --weights random"
             ) from None
-        with resp, os.fdopen(fd, "wb") as out:
-            fd = -1
+        with resp, tmp.open("wb") as out:
             total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-            ctx = (
+            prog, task = (
                 _progress(int(total) if total else None, f"downloading {dest.name}")
                 if progress
                 else (None, None)
             )
-            prog, task = ctx
             with prog if prog is not None else contextlib.nullcontext():
                 while True:
                     try:
@@ -132,14 +128,7 @@ def download_verified(
                 f"{url}: SHA-256 {digest[:16]}... does not match the expected "
                 f"{sha256_prefix}...; the download is corrupt or not the official file"
             )
-        chmod_like_open(tmp)
-        os.replace(tmp, dest)
-        return digest
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+    return digest
 
 
 def fetch_checkpoint(
@@ -301,10 +290,3 @@ def build_with_weights(
     if loaded.state_dict is not None:
         load_weights(model, loaded.state_dict, str(loaded.path or weights))
     return model.eval(), loaded
-
-
-def chmod_like_open(path: Path) -> None:
-    """mkstemp creates 0600 files; give the result the permissions open() would (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)

@@ -28,7 +28,6 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.errors import FormatError, InputError
+from spade_edge.runtime.fileio import atomic_path
 
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -212,51 +212,19 @@ def write_container(
         raise FormatError(f"{path}: manifest is {len(mbytes)} bytes, over the 16 MiB cap")
 
     header = HEADER.pack(magic, version, 0, len(mbytes), hashlib.sha256(mbytes).digest())
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise InputError(f"{path}: cannot create output file: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(mbytes)
-            pos = HEADER_SIZE + len(mbytes)
-            for e, (_, arr) in zip(entries, arrays, strict=True):
-                f.write(b"\0" * (e["offset"] - pos))
-                if arr.nbytes:
-                    f.write(memoryview(arr).cast("B"))
-                pos = e["offset"] + e["nbytes"]
-            if pos < data_start:  # no blobs: still pad the manifest to the alignment
-                f.write(b"\0" * (data_start - pos))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (best effort: not every filesystem supports it)."""
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(header)
+        f.write(mbytes)
+        pos = HEADER_SIZE + len(mbytes)
+        for e, (_, arr) in zip(entries, arrays, strict=True):
+            f.write(b"\0" * (e["offset"] - pos))
+            if arr.nbytes:
+                f.write(memoryview(arr).cast("B"))
+            pos = e["offset"] + e["nbytes"]
+        if pos < data_start:  # no blobs: still pad the manifest to the alignment
+            f.write(b"\0" * (data_start - pos))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -14,11 +14,8 @@ This module never imports tensorrt: ``spade-inspect`` and the refusals work ever
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,8 @@ import numpy as np
 from spade_edge.runtime import __version__
 from spade_edge.runtime.container import Container, read_container, write_container
 from spade_edge.runtime.contract import Contract
-from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.errors import CompatibilityError, FormatError
+from spade_edge.runtime.fileio import write_atomic
 
 ENGINE_MAGIC = b"SPADEENG"
 ENGINE_FORMAT_VERSION = 1
@@ -423,29 +421,8 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes | bytearray | memoryview) -> None:
-    """Write raw bytes atomically (temp in the same folder, fsync, replace): raw plans, caches."""
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise InputError(f"{p}: cannot create output file: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise InputError(f"{p}: cannot write: {exc.strerror or exc}") from None
-        raise
+    """Write raw bytes atomically (raw plans, timing caches)."""
+    write_atomic(path, data)
 
 
 def output_nbytes(spec: TensorSpec, batch: int) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from spade_edge.runtime.fileio import write_atomic
 
 # A perceptual "inferno"-like ramp: anchor colours interpolated linearly (no matplotlib needed).
 _ANCHORS = np.array(
@@ -42,15 +43,7 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.55)
 
 
 def save_png(arr: np.ndarray, path: str | Path) -> None:
-    """Atomic PNG write (temp + fsync + rename): never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic PNG write: never a half-written file."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    write_atomic(path, buf.getbuffer())

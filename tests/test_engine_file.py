@@ -299,7 +299,7 @@ def test_write_bytes_atomic(tmp_path: Path) -> None:
     write_bytes_atomic(p, b"abc")
     write_bytes_atomic(p, memoryview(b"defg"))
     assert p.read_bytes() == b"defg"
-    with pytest.raises(InputError, match="cannot create"):
+    with pytest.raises(InputError, match="cannot write"):
         write_bytes_atomic(tmp_path / "missing" / "x.plan", b"x")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["raw.plan"]
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from spade_edge.runtime.errors import InputError, SpadeError
+from spade_edge.runtime.errors import SpadeError
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -79,24 +79,10 @@ def resolve_k(
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via temp + fsync + rename so a crash never leaves half a report."""
-    import os
-    import tempfile
+    """Write a report atomically so a crash never leaves half of it."""
+    from spade_edge.runtime.fileio import write_atomic
 
-    p = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.")
-    except OSError as e:
-        raise InputError(f"{p}: cannot write here: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"))
 
 
 @contextmanager
