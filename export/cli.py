@@ -33,6 +33,11 @@ class Precision(str, Enum):
     int8 = "int8"
 
 
+class Int8Target(str, Enum):
+    trt = "trt"
+    cpu = "cpu"
+
+
 class CalibMethod(str, Enum):
     minmax = "minmax"
     entropy = "entropy"
@@ -134,13 +139,22 @@ def export(
         typer.Option("--from-onnx", help="Existing fp32 spade-edge ONNX to convert/build from."),
     ] = None,
     calib_dir: Annotated[
-        Path | None, typer.Option("--calib-dir", help="Normal images for INT8 calibration.")
+        Path | None,
+        typer.Option("--calib-dir", help="Normal images: INT8 calibration / fp16 accuracy check."),
     ] = None,
     calib_method: Annotated[
         CalibMethod, typer.Option("--calib-method", help="INT8 range estimator.")
     ] = CalibMethod.minmax,
     calib_images: Annotated[
         int | None, typer.Option("--calib-images", help="Use at most N calibration images.")
+    ] = None,
+    int8_target: Annotated[
+        Int8Target | None,
+        typer.Option(
+            "--int8-target",
+            help="trt: Q/DQ TensorRT can build (symmetric, float bias; runs in ORT too); "
+            "cpu: fastest on ONNX Runtime CPU, not buildable by TensorRT. --engine forces trt.",
+        ),
     ] = None,
     engine: Annotated[
         Path | None, typer.Option("--engine", help="Also build a TensorRT engine file here.")
@@ -183,6 +197,9 @@ def export(
             raise InputError("--precision int8 needs --calib-dir FOLDER of normal images")
         if not calib_dir.is_dir():
             raise InputError(f"{calib_dir}: --calib-dir is not a folder")
+    target = (int8_target.value if int8_target else "trt") if engine is None else "trt"
+    if engine is not None and int8_target is not None and int8_target.value == "cpu":
+        raise InputError("--int8-target cpu models cannot be built by TensorRT; drop --engine")
     if calib_images is not None and calib_images < 1:
         raise InputError(f"--calib-images must be >= 1, got {calib_images}")
     if max_batch < 1:
@@ -228,10 +245,11 @@ def export(
         t0 = time.perf_counter()
         with console.status(f"converting {fp32_path} to {prec} ..."):
             if prec == "fp16":
-                convert(fp32_path, out)
+                # with normal images the accuracy check runs and may allow fp32-gallery reuse
+                convert(fp32_path, out, check_dir=calib_dir)
             else:
                 assert calib_dir is not None
-                convert(fp32_path, out, calib_dir, calib_method.value, calib_images)
+                convert(fp32_path, out, calib_dir, calib_method.value, calib_images, target=target)
         final = out
         console.print(
             f"{prec} model: {out} ({_mb(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)"

@@ -226,6 +226,11 @@ def build_engine(
     contract, fingerprint = info.contract, info.fingerprint
     if contract.precision not in PRECISIONS:
         raise ExportError(f"{onnx_path}: unknown contract precision {contract.precision!r}")
+    if contract.extra.get("quantization", {}).get("target") == "cpu":
+        raise ExportError(
+            f"{onnx_path}: INT8 model quantized for ONNX Runtime CPU (uint8 activations, int32 "
+            "bias), which TensorRT cannot build; re-quantize with --int8-target trt"
+        )
 
     trt = import_tensorrt()
     features = features_for(trt.__version__)

@@ -250,24 +250,19 @@ def check_pair(runner: Runner, gallery: Any, model_source: str) -> None:
         return
     parent = runner.contract.parent_fingerprint
     if parent is not None and parent == gallery.fingerprint:
-        allow = False
-        try:
-            from spade_edge.calibration.lineage import gallery_accepts
+        from spade_edge.calibration.lineage import gallery_decision
 
-            allow = gallery_accepts(
-                gallery.fingerprint, runner.contract, getattr(runner, "metadata", {}) or {}
-            )
-        except ImportError:
-            allow = False
-        gallery.check_model(
-            runner.fingerprint, model_source, parent_fingerprint=parent, allow_derived=allow
+        ok, why = gallery_decision(
+            gallery.fingerprint, runner.contract, getattr(runner, "metadata", {}) or {}
         )
-        return
-    gallery.check_model(runner.fingerprint, model_source)
-    raise CompatibilityError(  # check_model must have raised; never continue silently
-        f"{gallery.path}: packed for model {gallery.fingerprint[:16]}…, "
-        f"{model_source} is {runner.fingerprint[:16]}…"
-    )
+        if ok:
+            return
+        raise CompatibilityError(
+            f"gallery {gallery.path} was packed with the fp32 parent of {model_source} "
+            f"({runner.contract.precision}), which may not reuse it: {why}; "
+            f"repack with `spade-pack {model_source} ...`"
+        )
+    gallery.check_model(runner.fingerprint, model_source)  # raises, naming both fingerprints
 
 
 __all__ = ["Detector", "InputError", "Result", "check_pair", "project_to_original"]

@@ -490,3 +490,27 @@ def test_real_engine_refuses_tampered_version(tiny: Path, tmp_path: Path) -> Non
     write_engine_file(eng, plan, **kw)
     with pytest.raises(CompatibilityError, match=r"9\.9\.9"):
         open_runner(eng)
+
+
+def test_cpu_target_int8_is_refused_before_tensorrt(tmp_path: Path) -> None:
+    """A Q/DQ model made for ORT CPU (uint8 activations) must not reach TensorRT's parser."""
+    import json
+
+    import onnx
+
+    from spade_edge.export.trt_build import build_engine
+    from spade_edge.runtime.contract import METADATA_CONTRACT_KEY
+    from spade_edge.runtime.errors import ExportError
+
+    src = make_tiny_model(tmp_path / "m.onnx")
+    m = onnx.load(str(src))
+    for p in m.metadata_props:
+        if p.key == METADATA_CONTRACT_KEY:
+            c = json.loads(p.value)
+            c["precision"] = "int8"
+            c["extra"] = {"quantization": {"target": "cpu"}}
+            p.value = json.dumps(c)
+    onnx.save(m, str(src))
+    with pytest.raises(ExportError, match="int8-target trt"):
+        build_engine(src, tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
