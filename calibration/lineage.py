@@ -29,6 +29,7 @@ import numpy as np
 from spade_edge.runtime.contract import METADATA_CONTRACT_KEY, METADATA_FINGERPRINT_KEY, Contract
 from spade_edge.runtime.errors import CompatibilityError, FormatError
 from spade_edge.runtime.fileio import write_atomic
+from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.model_meta import ModelInfo, read_model_info
 
 METADATA_LINEAGE_KEY = "spade_edge.lineage"
@@ -256,28 +257,6 @@ def _features(runner: Any, x: np.ndarray, batch: int = 8) -> tuple[list[np.ndarr
     return [np.concatenate(z) for z in zip(*levels, strict=True)], np.concatenate(pooled)
 
 
-@dataclass
-class _MiniGallery:
-    """In-memory ``GalleryArrays``: parent features stored exactly like a packed gallery."""
-
-    contract: Contract
-    n_images: int
-    pooled: np.ndarray
-    pooled_sqnorms: np.ndarray
-    levels: list[np.ndarray]
-    level_sqnorms: list[np.ndarray]
-
-    @classmethod
-    def build(cls, contract: Contract, levels: list[np.ndarray], pooled: np.ndarray) -> Any:
-        from spade_edge.runtime.gallery import sqnorms_fp16
-
-        lv16 = [np.ascontiguousarray(lv, dtype=np.float16) for lv in levels]
-        p16 = np.ascontiguousarray(pooled, dtype=np.float16)
-        return cls(
-            contract, len(p16), p16, sqnorms_fp16(p16), lv16, [sqnorms_fp16(lv) for lv in lv16]
-        )
-
-
 def spade_scores(
     contract: Contract,
     gallery_levels: list[np.ndarray],
@@ -296,7 +275,7 @@ def spade_scores(
     from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
     from spade_edge.runtime.runners.base import Features
 
-    g = _MiniGallery.build(contract, gallery_levels, gallery_pooled)
+    g = InMemoryGallery.from_features(contract, gallery_levels, gallery_pooled)
     kg = g.n_images if k_gallery is None else min(k_gallery, g.n_images)
     m = NumpyMatcher(g, k_image=min(k_image, g.n_images), k_gallery=kg)
     res = m.score(Features(levels=levels, pooled=pooled, batch=len(pooled)))

@@ -11,13 +11,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, min_sq_distances, nearest_images
 from spade_edge.runtime.preprocess import load_image, preprocess
 from spade_edge.runtime.scoring import combine_levels
@@ -50,26 +50,16 @@ def matching_flops(contract: Contract, k_gallery: int) -> float:
     )
 
 
-@dataclass
-class RandomGallery:
-    """In-memory fp16 gallery of random features with a model's shapes (for timing only)."""
-
-    contract: Contract
-    n_images: int
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        rng = np.random.default_rng(self.seed)
-        c = self.contract
-        self.pooled = rng.random((self.n_images, c.pooled_dim), dtype=np.float32).astype(np.float16)
-        self.pooled_sqnorms = (self.pooled.astype(np.float32) ** 2).sum(1)
-        self.levels = [
-            rng.random((self.n_images, lv.height, lv.width, lv.channels), dtype=np.float32).astype(
-                np.float16
-            )
-            for lv in c.levels
-        ]
-        self.level_sqnorms = [(lv.astype(np.float32) ** 2).sum(-1) for lv in self.levels]
+def random_gallery(contract: Contract, n_images: int, seed: int = 0) -> InMemoryGallery:
+    """A gallery of random features with a model's shapes (for timing only)."""
+    rng = np.random.default_rng(seed)
+    levels = [
+        rng.random((n_images, lv.height, lv.width, lv.channels), dtype=np.float32)
+        for lv in contract.levels
+    ]
+    return InMemoryGallery.from_features(
+        contract, levels, rng.random((n_images, contract.pooled_dim), dtype=np.float32)
+    )
 
 
 def bench_cpu(
@@ -85,7 +75,7 @@ def bench_cpu(
 
     runner = OrtRunner(model)
     c = runner.contract
-    gallery = RandomGallery(c, max(n_gallery, max(ks)))
+    gallery = random_gallery(c, max(n_gallery, max(ks)))
     rate = gemm_rate or gemm_gflops()
     decode = median_ms(lambda: load_image(image), repeats)
     pil = load_image(image)

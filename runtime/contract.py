@@ -74,6 +74,21 @@ class Contract:
         d["std"] = list(self.std)
         return d
 
+    def summary(self) -> dict[str, Any]:
+        """The fields people look for first (spade-inspect of models, galleries, engines)."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "precision": self.precision,
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "levels": [
+                {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
+                for lv in self.levels
+            ],
+            "pooled_dim": self.pooled_dim,
+        }
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 

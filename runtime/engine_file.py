@@ -400,15 +400,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             "precision": ef.precision,
             "model_fingerprint": ef.fingerprint,
             "parent_fingerprint": ef.parent_fingerprint,
-            "backbone": c.backbone,
-            "weights": c.weights,
-            "image_size": c.image_size,
-            "resize": c.resize,
-            "levels": [
-                {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
-                for lv in c.levels
-            ],
-            "pooled_dim": c.pooled_dim,
+            **c.summary(),
             "max_batch": ef.max_batch,
             "opt_batch": ef.opt_batch,
             "inputs": [t.to_dict() for t in ef.inputs],

@@ -17,6 +17,7 @@ import datetime as _dt
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,30 @@ def _int_field(path: Path, m: dict[str, Any], key: str, lo: int, hi: int) -> int
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise _fail(path, key, f"is {v!r:.40}, must be an integer in {lo}..{hi}")
     return v
+
+
+@dataclass
+class InMemoryGallery:
+    """``GalleryArrays`` held in memory, stored exactly like a packed gallery (fp16 features,
+    fp32 squared norms of the fp16 values): for leave-one-out checks and benchmarks."""
+
+    contract: Contract
+    n_images: int
+    pooled: np.ndarray
+    pooled_sqnorms: np.ndarray
+    levels: list[np.ndarray]
+    level_sqnorms: list[np.ndarray]
+    path: str = "<memory>"
+
+    @classmethod
+    def from_features(
+        cls, contract: Contract, levels: Sequence[np.ndarray], pooled: np.ndarray
+    ) -> InMemoryGallery:
+        lv16 = [np.ascontiguousarray(lv, dtype=np.float16) for lv in levels]
+        p16 = np.ascontiguousarray(pooled, dtype=np.float16)
+        return cls(
+            contract, len(p16), p16, sqnorms_fp16(p16), lv16, [sqnorms_fp16(lv) for lv in lv16]
+        )
 
 
 class Gallery:
@@ -594,17 +619,8 @@ def describe(g: Gallery) -> dict[str, Any]:
         "format_version": g.version,
         "tool_version": g.tool_version,
         "model_fingerprint": g.fingerprint,
-        "backbone": c.backbone,
-        "weights": c.weights,
-        "precision": c.precision,
-        "image_size": c.image_size,
-        "resize": c.resize,
+        **c.summary(),
         "n_images": g.n_images,
-        "pooled_dim": c.pooled_dim,
-        "levels": [
-            {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
-            for lv in c.levels
-        ],
         "default_k": g.default_k,
         "thresholds": g.thresholds,
         "created": g.created,

@@ -83,16 +83,7 @@ def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
         "file_bytes": path.stat().st_size,
         "model_fingerprint": mi.fingerprint,
         "parent_fingerprint": c.parent_fingerprint,
-        "backbone": c.backbone,
-        "weights": c.weights,
-        "precision": c.precision,
-        "image_size": c.image_size,
-        "resize": c.resize,
-        "levels": [
-            {"name": lv.name, "stride": lv.stride, "shape": [lv.height, lv.width, lv.channels]}
-            for lv in c.levels
-        ],
-        "pooled_dim": c.pooled_dim,
+        **c.summary(),
         "metadata": other,
         "verified": verify,
         "contract": c.to_dict(),
