@@ -1,7 +1,7 @@
 """NumPy matcher: the CPU backend and the oracle every GPU matcher is tested against.
 
 Distances use the expanded form ‖q‖² + ‖g‖² − 2 q·g in fp32 over the fp16 gallery, with the
-gallery's stored squared norms folded into the GEMM: ``[q, 1] · [−2g, ‖g‖²]ᵀ`` gives
+gallery's stored squared norms folded into the GEMM: ``[−2q, 1] · [g, ‖g‖²]ᵀ`` gives
 ``‖g‖² − 2 q·g`` in one BLAS call, so the only pass over the distance tile is the row argmin.
 The winner's distance is then recomputed exactly from the difference vector (as faiss refines).
 Work is tiled over gallery images and query rows so memory stays bounded at any K (the full
@@ -9,6 +9,8 @@ N×M matrix is never formed). Stateless per call, hence thread-safe.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -23,12 +25,30 @@ from spade_edge.runtime.matchers.base import (
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import combine_levels
 
-#: Upper bound on one distance tile / gathered gallery chunk (float32 elements): 16 MiB,
-#: measured fastest here (cache-sized tiles; the min pass reads the tile while it is warm).
-TILE_ELEMENTS = 4 * 1024 * 1024
+#: Distance tiles (float32 elements). Wide features (C >= 128) are GEMM-bound and want big
+#: tiles (wrn50 layer1: 152 ms at 16 Mi vs 178 ms at 4 Mi); narrow ones (Lite0, C = 24) are
+#: memory-bound and want cache-sized tiles (25 ms at 2 Mi vs 31 ms at 16 Mi). Measured here.
+TILE_ELEMENTS = 16 * 1024 * 1024
+NARROW_TILE_ELEMENTS = 2 * 1024 * 1024
+NARROW_CHANNELS = 128
 EPS32 = float(np.finfo(np.float32).eps)
-#: Squared distances below this are re-ranked exactly (see min_sq_distances).
-REFINE_BELOW = 1.0
+#: Rows whose nearest squared distance is below this many error bounds are re-ranked exactly
+#: (see min_sq_distances); scale-free, so it means the same for every backbone.
+REFINE_FACTOR = 256.0
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A per-thread float32 buffer reused across calls (grow-only, bounded by TILE_ELEMENTS):
+    no page-faulting allocation of fresh 16 MiB tiles on every image, and still thread-safe."""
+    bufs = _local.__dict__.setdefault("bufs", {})
+    n = int(np.prod(shape))
+    buf = bufs.get(name)
+    if buf is None or buf.size < n:
+        buf = bufs[name] = np.empty(n, dtype=np.float32)
+    return buf[:n].reshape(shape)
 
 
 def nearest_images(
@@ -68,7 +88,7 @@ def min_sq_distances(
     p = q.shape[0]
     q = np.ascontiguousarray(q, dtype=np.float32)
     qa = np.empty((p, c + 1), dtype=np.float32)
-    qa[:, :c] = q
+    np.multiply(q, -2.0, out=qa[:, :c])  # [-2q, 1] · [g, ‖g‖²] = ‖g‖² − 2 q·g
     qa[:, c] = 1.0
     q_sq = np.einsum("ij,ij->i", q, q, dtype=np.float32)
     g_max = float(np.max(level_sq[images]))
@@ -78,17 +98,20 @@ def min_sq_distances(
     best_img = np.zeros(p, dtype=np.int64)
     best_pos = np.zeros(p, dtype=np.int64)
     refined = np.full(p, np.inf, dtype=np.float32)
-    imgs_per_chunk = max(1, TILE_ELEMENTS // (n_pos * (c + 1)))
+    budget = NARROW_TILE_ELEMENTS if c < NARROW_CHANNELS else TILE_ELEMENTS
+    budget = min(budget, TILE_ELEMENTS)  # (tests shrink TILE_ELEMENTS to exercise tiling)
+    imgs_per_chunk = max(1, budget // (n_pos * (c + 1)))
     for s in range(0, len(images), imgs_per_chunk):
         idx = images[s : s + imgs_per_chunk]
         m = len(idx) * n_pos
-        ga = np.empty((m, c + 1), dtype=np.float32)
-        ga[:, :c] = level[idx].reshape(m, c)
-        ga[:, :c] *= -2.0
-        ga[:, c] = level_sq[idx].reshape(m)
-        rows = max(1, min(p, TILE_ELEMENTS // m))
+        ga = _scratch("gallery", (m, c + 1))
+        for j, i in enumerate(idx):  # fp16 -> fp32 straight into the GEMM operand
+            ga[j * n_pos : (j + 1) * n_pos, :c] = level[i].reshape(n_pos, c)
+            ga[j * n_pos : (j + 1) * n_pos, c] = level_sq[i].reshape(n_pos)
+        rows = max(1, min(p, budget // m))
         for r in range(0, p, rows):
-            tile = qa[r : r + rows] @ ga.T
+            q_rows = qa[r : r + rows]
+            tile = np.matmul(q_rows, ga.T, out=_scratch("tile", (len(q_rows), m)))
             arg = tile.argmin(axis=1)
             val = tile[np.arange(len(arg)), arg]
             better = val < best[r : r + rows]
@@ -96,11 +119,11 @@ def min_sq_distances(
             best[sel] = val[better]
             best_img[sel] = idx[arg[better] // n_pos]
             best_pos[sel] = arg[better] % n_pos
-            small = np.flatnonzero(val + q_sq[r : r + rows] < REFINE_BELOW)
+            small = np.flatnonzero(val + q_sq[r : r + rows] < REFINE_FACTOR * delta[r : r + rows])
             if small.size:
                 thr = val[small] + 2 * delta[r + small]
                 ri, ci = np.nonzero(tile[small] <= thr[:, None])
-                diff = q[r + small[ri]] - ga[ci, :c] * -0.5  # exact: scaling by 2 is exact
+                diff = q[r + small[ri]] - ga[ci, :c]
                 d = np.einsum("ij,ij->i", diff, diff, dtype=np.float32)
                 starts = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]])
                 rows_hit = r + small[ri[starts]]
