@@ -62,7 +62,7 @@ def bench(
 ) -> None:
     """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / GEMM rate."""
     ks = tuple(k or (5, 50))
-    con = Console()
+    con = Console(width=max(120, Console().width))
     if matcher == "cuda":
         try:
             from spade_edge.runtime.matchers import cuda_bench
