@@ -90,13 +90,13 @@ def test_norms_are_of_the_fp16_values(gal: tuple[Path, dict[str, Any]]) -> None:
     with Gallery.open(p) as g:
         assert g.pooled_sqnorms.dtype == np.float32 and g.pooled_sqnorms.shape == (6,)
         ref = (f["pooled"].astype(np.float16).astype(np.float64) ** 2).sum(-1)
-        np.testing.assert_allclose(g.pooled_sqnorms, ref, rtol=1e-7)
+        np.testing.assert_allclose(g.pooled_sqnorms, ref, rtol=1e-6)  # float32 accumulation
         # and NOT the norms of the fp32 originals (they differ by the rounding)
         assert not np.array_equal(g.pooled_sqnorms, (f["pooled"] ** 2).sum(-1))
         for sq, lv, want in zip(g.level_sqnorms, g.levels, f["levels"], strict=True):
             assert sq.dtype == np.float32 and sq.shape == lv.shape[:-1]
             ref = (want.astype(np.float16).astype(np.float64) ** 2).sum(-1)
-            np.testing.assert_allclose(sq, ref, rtol=1e-7)
+            np.testing.assert_allclose(sq, ref, rtol=1e-6)
 
 
 def test_gallery_satisfies_matcher_protocol(gal: tuple[Path, dict[str, Any]]) -> None:
@@ -129,10 +129,16 @@ def test_bytes_per_image_wrn50_layout() -> None:
     assert bytes_per_image(c) == by_hand == 2_830_452
 
 
-def test_sqnorms_fp16_chunking_is_invisible() -> None:
-    a = np.random.default_rng(3).normal(size=(130, 3, 7)).astype(np.float16)
-    ref = (a.astype(np.float64) ** 2).sum(-1).astype(np.float32)
-    np.testing.assert_array_equal(sqnorms_fp16(a), ref)
+def test_sqnorms_fp16_chunking_is_invisible(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spade_edge.runtime.gallery as gal_mod
+
+    a = np.random.default_rng(3).normal(size=(130, 3, 300)).astype(np.float16)
+    monkeypatch.setattr(gal_mod, "_NORM_CHUNK_ELEMENTS", 3000)  # 10 rows per chunk
+    chunked = sqnorms_fp16(a)
+    monkeypatch.setattr(gal_mod, "_NORM_CHUNK_ELEMENTS", 1 << 20)
+    np.testing.assert_array_equal(chunked, sqnorms_fp16(a))
+    ref = (a.astype(np.float64) ** 2).sum(-1)
+    np.testing.assert_allclose(chunked, ref, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- golden
