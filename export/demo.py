@@ -94,7 +94,7 @@ def demo(
             res = det.predict(path)
             full = res.full_map()
             png = out / f"{path.stem}_overlay.png"
-            save_png(overlay(res.rgb, full, 2 * (res.pixel_threshold or full.max())), png)
+            save_png(overlay(res.rgb, full, 1.2 * (res.pixel_threshold or full.max())), png)
             rec = res.to_record() | {"overlay": str(png)}
             typer.echo(json.dumps(rec))
 

@@ -34,11 +34,15 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).round().astype(np.uint8)
 
 
-def overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.55) -> np.ndarray:
-    """Blend the heat map over the image; ``vmax`` fixes the scale so images are comparable."""
-    norm = amap / vmax if vmax > 0 else np.zeros_like(amap)
+def overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.7) -> np.ndarray:
+    """Blend the heat map over the image; ``vmax`` fixes the scale so images are comparable.
+
+    Opacity grows with the square of the normalised score, so normal regions stay readable and
+    anything near ``vmax`` (callers use ~1.2x the pixel threshold) is bright and opaque.
+    """
+    norm = np.clip(amap / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(amap)
     heat = colormap(norm).astype(np.float32)
-    a = alpha * np.clip(norm, 0.15, 1.0)[..., None]
+    a = alpha * (norm**2)[..., None]
     return (rgb.astype(np.float32) * (1 - a) + heat * a).round().astype(np.uint8)
 
 

@@ -109,7 +109,7 @@ def run(
                 if out is not None:
                     stem = _unique_stem(path, used)
                     full = res.full_map()
-                    vmax = 2.0 * res.pixel_threshold if res.pixel_threshold else float(full.max())
+                    vmax = 1.2 * res.pixel_threshold if res.pixel_threshold else float(full.max())
                     save_png(overlay(res.rgb, full, vmax), out / f"{stem}_overlay.png")
                     rec["overlay"] = str(out / f"{stem}_overlay.png")
                     mask = res.defect_mask()
