@@ -86,6 +86,19 @@ def bytes_per_image(contract: Contract) -> int:
     return n
 
 
+def _level_entry(i: int, lv: Any) -> dict[str, Any]:
+    """A level's manifest entry: written by the writer, required verbatim by the reader."""
+    return {
+        "name": lv.name,
+        "stride": lv.stride,
+        "height": lv.height,
+        "width": lv.width,
+        "channels": lv.channels,
+        "blob": f"level{i}",
+        "sqnorms_blob": f"level{i}_sqnorms",
+    }
+
+
 def sqnorms_fp16(a: np.ndarray) -> np.ndarray:
     """Squared L2 norms over the last axis of fp16 values, as float32.
 
@@ -194,18 +207,7 @@ def _write(
         "contract": contract.to_dict(),
         "n_images": n,
         "pooled_dim": contract.pooled_dim,
-        "levels": [
-            {
-                "name": lv.name,
-                "stride": lv.stride,
-                "height": lv.height,
-                "width": lv.width,
-                "channels": lv.channels,
-                "blob": f"level{i}",
-                "sqnorms_blob": f"level{i}_sqnorms",
-            }
-            for i, lv in enumerate(contract.levels)
-        ],
+        "levels": [_level_entry(i, lv) for i, lv in enumerate(contract.levels)],
         "dtypes": {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE},
         "sources": dict(_SOURCES_VALUE),
         "created": created,
@@ -391,15 +393,7 @@ class Gallery:
         if not isinstance(lvs, list) or len(lvs) != len(c.levels):
             raise _fail(p, "levels", f"must list the contract's {len(c.levels)} levels")
         for i, (e, lv) in enumerate(zip(lvs, c.levels, strict=True)):
-            want = {
-                "name": lv.name,
-                "stride": lv.stride,
-                "height": lv.height,
-                "width": lv.width,
-                "channels": lv.channels,
-                "blob": f"level{i}",
-                "sqnorms_blob": f"level{i}_sqnorms",
-            }
+            want = _level_entry(i, lv)
             if not isinstance(e, dict) or set(e) != _LEVEL_KEYS:
                 raise _fail(p, f"levels[{i}]", f"must have keys {sorted(_LEVEL_KEYS)}")
             for k, v in want.items():
