@@ -229,11 +229,10 @@ def _write(
     write_container(path, GALLERY_MAGIC, GALLERY_VERSION, manifest, blobs)
 
 
-def _prepare_features(
-    path: Path, contract: Contract, pooled: np.ndarray, levels: Sequence[np.ndarray]
-) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """Shape-check against the contract, round to fp16, compute norms: (fp16, sqnorms) pairs."""
-    p = np.asarray(pooled)
+def _prepare_shapes(
+    path: Path, contract: Contract, p: np.ndarray, levels: Sequence[np.ndarray]
+) -> None:
+    """Features must have the contract's shapes (channels-last) and a sane image count."""
     if p.ndim != 2 or p.shape[1] != contract.pooled_dim:
         raise InputError(
             f"{path}: pooled features have shape {p.shape}, "
@@ -246,7 +245,6 @@ def _prepare_features(
         raise InputError(
             f"{path}: {len(levels)} feature levels given, contract has {len(contract.levels)}"
         )
-    out = []
     for lv, a in zip(contract.levels, levels, strict=True):
         want = (n, lv.height, lv.width, lv.channels)
         if tuple(np.shape(a)) != want:
@@ -254,8 +252,46 @@ def _prepare_features(
                 f"{path}: level {lv.name!r} features have shape {tuple(np.shape(a))}, "
                 f"contract wants {list(want)} (channels-last)"
             )
-        out.append(_to_fp16(a, f"level {lv.name!r}", path))
+
+
+def _prepare_features(
+    path: Path, contract: Contract, pooled: np.ndarray, levels: Sequence[np.ndarray]
+) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """Shape-check against the contract, round to fp16, compute norms: (fp16, sqnorms) pairs."""
+    p = np.asarray(pooled)
+    _prepare_shapes(path, contract, p, levels)
+    out = [
+        _to_fp16(a, f"level {lv.name!r}", path)
+        for lv, a in zip(contract.levels, levels, strict=True)
+    ]
     return _to_fp16(p, "pooled", path), out
+
+
+def _given_norms(
+    path: Path,
+    contract: Contract,
+    pooled: np.ndarray,
+    levels: Sequence[np.ndarray],
+    sqnorms: tuple[np.ndarray, list[np.ndarray]],
+) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """Pair fp16 features with norms computed by the caller, after the same checks."""
+    arrays = [np.asarray(pooled), *(np.asarray(a) for a in levels)]
+    norms = [np.asarray(sqnorms[0]), *(np.asarray(q) for q in sqnorms[1])]
+    if len(norms) != len(arrays) or any(a.dtype != np.float16 for a in arrays):
+        raise InputError(f"{path}: precomputed norms need fp16 features, one norm array each")
+    _prepare_shapes(path, contract, arrays[0], arrays[1:])
+    pairs = []
+    for what, a, q in zip(
+        ["pooled", *(lv.name for lv in contract.levels)], arrays, norms, strict=True
+    ):
+        if q.dtype != np.float32 or q.shape != a.shape[:-1]:
+            raise InputError(f"{path}: norms of {what} have shape {q.shape}, want {a.shape[:-1]}")
+        if not np.isfinite(q).all():
+            raise InputError(
+                f"{path}: {what} features contain NaN/inf or values beyond fp16 range (±65504)"
+            )
+        pairs.append((np.ascontiguousarray(a), np.ascontiguousarray(q)))
+    return pairs[0], pairs[1:]
 
 
 def write_gallery(
@@ -269,15 +305,23 @@ def write_gallery(
     thresholds: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     created: str | None = None,
+    sqnorms: tuple[np.ndarray, list[np.ndarray]] | None = None,
 ) -> None:
     """Round features to fp16, compute their norms and write a v1 gallery atomically.
+
+    ``sqnorms``: (pooled, per level) norms already computed with :func:`sqnorms_fp16` from
+    exactly these fp16 features (the packer does it per batch, overlapped with inference);
+    only accepted with fp16 features. They are still checked for shape and finiteness.
 
     ``sources``: one ``{"name": str, "sha256": hex}`` per image (content hash of the file);
     the same content twice is refused. ``created``: ISO-8601 UTC time, now when None (pass a
     fixed value for byte-reproducible files).
     """
     p = Path(path)
-    (pooled16, pooled_sq), lv_pairs = _prepare_features(p, contract, pooled, levels)
+    if sqnorms is not None:
+        (pooled16, pooled_sq), lv_pairs = _given_norms(p, contract, pooled, levels, sqnorms)
+    else:
+        (pooled16, pooled_sq), lv_pairs = _prepare_features(p, contract, pooled, levels)
     srcs = _check_sources(sources, len(pooled16), p)
     _write(
         p,

@@ -28,6 +28,7 @@ from spade_edge.runtime.gallery import (
     Gallery,
     append_gallery,
     duplicate_indices,
+    sqnorms_fp16,
     write_gallery,
 )
 from spade_edge.runtime.preprocess import Prepared, list_images, prepare_path
@@ -149,7 +150,11 @@ def pack(
         skipped_bad: list[tuple[str, str]] = []
         skipped_dup: list[tuple[str, str]] = []
 
-        with _progress(progress) as bar, ThreadPoolExecutor(n_workers) as pool:
+        with (
+            _progress(progress) as bar,
+            ThreadPoolExecutor(n_workers) as pool,
+            ThreadPoolExecutor(1) as store_pool,
+        ):
             # 1. content hashes (cheap) so duplicates are known before any inference
             task = bar.add_task("hashing", total=len(paths), rate="")
             sources: list[dict[str, str]] = []
@@ -187,6 +192,11 @@ def pack(
                 np.empty((n_max, lv.height, lv.width, lv.channels), np.float16)
                 for lv in contract.levels
             ]
+            pooled_sq = np.empty(n_max, np.float32)
+            level_sq = [np.empty(lv.shape[:-1], np.float32) for lv in levels]
+            # fp16 cast + norms of batch i run on this thread while batch i+1 is inferred
+            # (overlaps wherever the backbone leaves a core free: GPU runners, ORT threads < cores)
+            stores: deque[Future[None]] = deque()
             kept: list[dict[str, str]] = []
             infer_s = wait_s = 0.0
             task = bar.add_task("packing", total=n_max, rate="")
@@ -213,7 +223,20 @@ def pack(
                 feats = runner.infer(x).to_host()
                 infer_s += time.perf_counter() - t0
                 i0 = len(kept)
-                _store(feats, contract, str(model_path), pooled, levels, i0, len(batch))
+                stores.append(
+                    store_pool.submit(
+                        _store,
+                        feats,
+                        contract,
+                        str(model_path),
+                        (pooled, pooled_sq),
+                        list(zip(levels, level_sq, strict=True)),
+                        i0,
+                        len(batch),
+                    )
+                )
+                while len(stores) > 2:  # bounded: at most two batches of features in flight
+                    stores.popleft().result()
                 kept.extend(batch_src)
                 bar.update(
                     task,
@@ -244,9 +267,13 @@ def pack(
                     if len(batch) == bs:
                         flush()
                 flush()
+                while stores:
+                    stores.popleft().result()
             finally:
                 for _, _, fut in queue:
                     fut.cancel()
+                for st in stores:
+                    st.cancel()
 
         for name, why in skipped_bad:
             log.warning("skipped unreadable image %s: %s", name, why)
@@ -270,6 +297,7 @@ def pack(
                 kept,
                 default_k=default_k,
                 created=created,
+                sqnorms=(pooled_sq[:n], [sq[:n] for sq in level_sq]),
             )
             total = n
         write_s = time.perf_counter() - t_write
@@ -301,32 +329,36 @@ def _store(
     feats: Any,
     contract: Any,
     model: str,
-    pooled: np.ndarray,
-    levels: list[np.ndarray],
+    pooled: tuple[np.ndarray, np.ndarray],
+    levels: list[tuple[np.ndarray, np.ndarray]],
     i0: int,
     b: int,
 ) -> None:
-    """Copy one batch of host features into the fp16 buffers, checking shapes first."""
+    """Copy one batch of host features into the fp16 buffers and compute their squared norms
+    (``sqnorms_fp16`` row by row, so the result equals computing them on the whole gallery)."""
     if len(feats.levels) != len(levels):
         raise FormatError(
             f"{model}: model returned {len(feats.levels)} levels, contract has {len(levels)}"
         )
     pv = np.asarray(feats.pooled).reshape(b, -1)
-    if pv.shape[1] != pooled.shape[1]:
+    dst, dst_sq = pooled
+    if pv.shape[1] != dst.shape[1]:
         raise FormatError(
-            f"{model}: pooled output has {pv.shape[1]} channels, contract says {pooled.shape[1]}"
+            f"{model}: pooled output has {pv.shape[1]} channels, contract says {dst.shape[1]}"
         )
     # out-of-range values become inf here; write_gallery refuses them with a clear message
-    with np.errstate(over="ignore"):
-        pooled[i0 : i0 + b] = pv
-    for lv, dst, a in zip(contract.levels, levels, feats.levels, strict=True):
+    with np.errstate(over="ignore", invalid="ignore"):
+        dst[i0 : i0 + b] = pv
+        dst_sq[i0 : i0 + b] = sqnorms_fp16(dst[i0 : i0 + b])
+    for lv, (dst, dst_sq), a in zip(contract.levels, levels, feats.levels, strict=True):
         if tuple(a.shape) != (b, *dst.shape[1:]):
             raise FormatError(
                 f"{model}: output {lv.name!r} has shape {list(a.shape)}, contract says "
                 f"[{b}, {lv.height}, {lv.width}, {lv.channels}] (channels-last)"
             )
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             dst[i0 : i0 + b] = a
+            dst_sq[i0 : i0 + b] = sqnorms_fp16(dst[i0 : i0 + b])
 
 
 __all__ = ["PackReport", "file_sha256", "pack"]

@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_model import make_tiny_model
 
 from spade_edge.runtime.errors import CompatibilityError, ImageDecodeError, InputError
-from spade_edge.runtime.gallery import Gallery
+from spade_edge.runtime.gallery import Gallery, sqnorms_fp16
 from spade_edge.runtime.packer import pack
 from spade_edge.runtime.preprocess import prepare_path
 from spade_edge.runtime.runners import open_runner
@@ -59,6 +59,10 @@ def test_pack_matches_the_runner(tiny_onnx: Path, images: Path, tmp_path: Path) 
         assert [s["sha256"] for s in g.sources] == [
             hashlib.sha256(p.read_bytes()).hexdigest() for p in paths
         ]
+        # norms computed per batch (overlapped with inference) equal the whole-gallery ones
+        np.testing.assert_array_equal(g.pooled_sqnorms, sqnorms_fp16(g.pooled))
+        for lv, sq in zip(g.levels, g.level_sqnorms, strict=True):
+            np.testing.assert_array_equal(sq, sqnorms_fp16(lv))
 
 
 def test_batch_size_does_not_change_the_gallery(
