@@ -92,7 +92,7 @@ def _feature_module(backbone_module: Any) -> Any:
             levels, pooled = self.net(image)
             return (*[lv.permute(0, 2, 3, 1).contiguous() for lv in levels], pooled)
 
-    return SpadeFeatures(backbone_module).eval()
+    return SpadeFeatures(backbone_module).train(False)  # inference mode (BN, dropout)
 
 
 def check_image_size(image_size: int) -> None:

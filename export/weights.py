@@ -289,4 +289,4 @@ def build_with_weights(
     model = spec.build()
     if loaded.state_dict is not None:
         load_weights(model, loaded.state_dict, str(loaded.path or weights))
-    return model.eval(), loaded
+    return model.train(False), loaded
