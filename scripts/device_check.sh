@@ -150,7 +150,7 @@ fi
 # ------------------------------------------------------------------ GPU tests
 if has_step tests; then
     say "GPU tests"
-    run_for 240 $PY -m pytest -q -rA --durations=8 -p no:cacheprovider -m "not fuzz" \
+    run_for 240 $PY -m pytest -q -rA --durations=8 -p no:cacheprovider -m "not fuzz and not simt" \
         tests/test_cuda_matcher.py tests/test_kernels_compile.py 2>&1 | tee "$OUT/pytest.log"
     rc=${PIPESTATUS[0]}
     line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$OUT/pytest.log" | tail -1)

@@ -1,16 +1,23 @@
 """CUDA matcher: agrees with the NumPy oracle, reads device features, allocates nothing per image.
 
-GPU tests (marker ``gpu``) skip with a reason when pycuda or a CUDA device is missing; the
-planning helpers (block rows, splits, blur weights) are checked on any machine.
+Each matcher test runs on a real GPU through pycuda (marker ``gpu``; skips with a reason without
+pycuda or a device) and on the SIMT emulator (marker ``simt``; tests/simt runs the same .cu
+kernels on the CPU behind a pycuda stand-in). The planning helpers (block rows, splits, blur
+weights) are checked on any machine.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import simt_device
+import simt_pycuda
 from scipy.ndimage import correlate1d, gaussian_filter1d
 
 from spade_edge.runtime.contract import Contract, Level, resize_for
@@ -143,11 +150,27 @@ def test_backend_unavailable_without_pycuda() -> None:
         pytest.skip("pycuda is installed here")
 
 
-# ----------------------------------------------------------------------------- GPU
-@pytest.fixture(scope="module")
-def drv():
+# ----------------------------------------------------------------------------- devices
+# Every test below runs twice: on a real GPU through pycuda (marker ``gpu``; skips without one)
+# and on the SIMT emulator (tests/simt), which executes the same .cu kernels and CudaMatcher's
+# own host code on the CPU, so CI checks the kernels' logic against the oracle with no GPU.
+@dataclass
+class GpuEnv:
+    kind: str  # "pycuda" or "simt"
+    drv: Any
+    to_device: Callable[[np.ndarray], Any]  # host array -> device buffer (int() = pointer)
+    emulator: Any = None
+
+
+@pytest.fixture(scope="session")
+def simt_lib(request: pytest.FixtureRequest) -> Path:
+    return simt_device.session_library(request)
+
+
+def _pycuda_env() -> GpuEnv:
     try:
         import pycuda.driver as drv
+        import pycuda.gpuarray as gpuarray
     except Exception as e:
         pytest.skip(f"pycuda not importable: {e}")
     try:
@@ -156,16 +179,48 @@ def drv():
             pytest.skip("no CUDA device")
     except Exception as e:
         pytest.skip(f"CUDA unavailable: {e}")
-    return drv
+    keep: list[Any] = []
+
+    def to_device(a: np.ndarray) -> Any:
+        c = drv.Device(0).retain_primary_context()
+        c.push()
+        try:
+            g = gpuarray.to_gpu(np.ascontiguousarray(a))
+        finally:
+            drv.Context.pop()
+        keep.append(g)
+        return g.gpudata
+
+    return GpuEnv("pycuda", drv, to_device)
 
 
-@pytest.fixture()
-def ctx(drv):
-    """The primary context made current (for tests that allocate device buffers themselves)."""
-    c = drv.Device(0).retain_primary_context()
-    c.push()
-    yield c
-    drv.Context.pop()
+def simt_env(simt_lib: Path, monkeypatch: pytest.MonkeyPatch, target: str = "sm_90") -> GpuEnv:
+    dev = simt_device.Device(simt_lib, seed=0)
+    pkg = simt_pycuda.make_pycuda(dev, target)
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", pkg.driver)
+    monkeypatch.setitem(sys.modules, "pycuda.compiler", pkg.compiler)
+
+    def to_device(a: np.ndarray) -> Any:
+        a = np.ascontiguousarray(a)
+        buf = pkg.driver.mem_alloc(a.nbytes)
+        pkg.driver.memcpy_htod(buf, a)
+        return buf
+
+    return GpuEnv("simt", pkg.driver, to_device, dev)
+
+
+DEVICES = [
+    pytest.param("pycuda", marks=pytest.mark.gpu),
+    pytest.param("simt", marks=pytest.mark.simt),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> GpuEnv:
+    if request.param == "pycuda":
+        return _pycuda_env()
+    return simt_env(request.getfixturevalue("simt_lib"), monkeypatch)
 
 
 def run_both(g, feats: Features, **kw):
@@ -178,8 +233,7 @@ def run_both(g, feats: Features, **kw):
     return got, want
 
 
-@pytest.mark.gpu
-def test_random_odd_sizes(drv) -> None:
+def test_random_odd_sizes(gpu: GpuEnv) -> None:
     """Positions and channels that are not multiples of the tiles; batch of 2."""
     rng = np.random.default_rng(1)
     g = make_gallery(rng, [(9, 7, 40), (13, 11, 72), (5, 3, 136)], 48, 9, size=40)
@@ -188,12 +242,16 @@ def test_random_odd_sizes(drv) -> None:
     assert_matches(got, want)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("block_rows", [None, 128, 64, 32, 16])
-def test_wrn50_like_every_block_variant(drv, block_rows) -> None:
-    """wrn50-sized layer1/layer2 (+ an odd level) with each fused-kernel variant."""
+def test_wrn50_like_every_block_variant(gpu: GpuEnv, block_rows) -> None:
+    """wrn50's channel counts (256/512 + an odd level) with each fused-kernel variant; full
+    wrn50 layer1/2 sizes on a GPU, fewer positions on the emulator."""
     rng = np.random.default_rng(2)
-    g = make_gallery(rng, [(56, 56, 256), (28, 28, 512), (13, 11, 200)], 256, 6, size=224)
+    if gpu.kind == "pycuda":
+        shapes = [(56, 56, 256), (28, 28, 512), (13, 11, 200)]
+    else:
+        shapes = [(17, 15, 256), (9, 10, 512), (13, 11, 200)]
+    g = make_gallery(rng, shapes, 256, 6, size=224 if gpu.kind == "pycuda" else 64)
     f = random_features(rng, g.contract, 1)
     try:
         got, want = run_both(g, f, k_image=3, k_gallery=5, block_rows=block_rows)
@@ -202,8 +260,27 @@ def test_wrn50_like_every_block_variant(drv, block_rows) -> None:
     assert_matches(got, want)
 
 
-@pytest.mark.gpu
-def test_k1_and_k_equals_n(drv) -> None:
+@pytest.mark.simt
+@pytest.mark.parametrize("target", ["sm_87", "sm_89", "sm_90"])
+def test_emulated_targets_plan_and_match(simt_lib, monkeypatch, target: str) -> None:
+    """Each target's shared-memory limit gives its own launch plan; every plan matches."""
+    simt_env(simt_lib, monkeypatch, target)
+    rng = np.random.default_rng(12)
+    g = make_gallery(rng, [(11, 12, 256), (6, 6, 512), (3, 4, 1024)], 64, 5, size=48)
+    f = random_features(rng, g.contract, 1)
+    m = cm.CudaMatcher(g, k_image=2, k_gallery=4)
+    try:
+        plan = m.plan()
+        optin = simt_pycuda.TARGETS[target][1]["MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"]
+        assert all(p["smem_bytes"] <= optin for p in plan)
+        if target == "sm_89":  # ~99 KiB per block: 1024 channels only fit 16-row blocks
+            assert plan[2]["block_rows"] == 16
+        assert_matches(m.score(f), NumpyMatcher(g, k_image=2, k_gallery=4).score(f))
+    finally:
+        m.close()
+
+
+def test_k1_and_k_equals_n(gpu: GpuEnv) -> None:
     rng = np.random.default_rng(3)
     g = make_gallery(rng, [(14, 14, 64), (7, 7, 128)], 64, 11, size=56)
     f = random_features(rng, g.contract, 2)
@@ -214,8 +291,16 @@ def test_k1_and_k_equals_n(drv) -> None:
         cm.CudaMatcher(g, k_image=12)
 
 
-@pytest.mark.gpu
-def test_ties_go_to_lower_index(drv) -> None:
+def test_k50(gpu: GpuEnv) -> None:
+    """K=50 (the paper's largest) over a 57-image gallery."""
+    rng = np.random.default_rng(13)
+    g = make_gallery(rng, [(8, 8, 64), (4, 4, 160)], 96, 57, size=32)
+    f = random_features(rng, g.contract, 1)
+    got, want = run_both(g, f, k_image=50, k_gallery=50)
+    assert_matches(got, want)
+
+
+def test_ties_go_to_lower_index(gpu: GpuEnv) -> None:
     """Duplicated gallery images: equal distances rank by index, as a stable argsort."""
     rng = np.random.default_rng(4)
     shapes = [(8, 8, 32), (4, 4, 64)]
@@ -234,11 +319,8 @@ def test_ties_go_to_lower_index(drv) -> None:
     assert_matches(got, want)
 
 
-@pytest.mark.gpu
-def test_device_pointer_input(drv, ctx) -> None:
+def test_device_pointer_input(gpu: GpuEnv) -> None:
     """TensorRT-style device features (fp32 and fp16) score like host features."""
-    import pycuda.gpuarray as gpuarray
-
     rng = np.random.default_rng(5)
     g = make_gallery(rng, [(12, 12, 48), (6, 6, 96)], 64, 7, size=48)
     f = random_features(rng, g.contract, 3)
@@ -246,14 +328,10 @@ def test_device_pointer_input(drv, ctx) -> None:
     try:
         host = m.score(f)
         for dt, np_dt in (("float32", np.float32), ("float16", np.float16)):
-            bufs = [gpuarray.to_gpu(np.ascontiguousarray(a, dtype=np_dt)) for a in f.levels]
-            pooled = gpuarray.to_gpu(np.ascontiguousarray(f.pooled, dtype=np_dt))
+            bufs = [gpu.to_device(a.astype(np_dt)) for a in f.levels]
+            pooled = gpu.to_device(f.pooled.astype(np_dt))
             dev = Features(
-                levels=[b.gpudata for b in bufs],
-                pooled=pooled.gpudata,
-                batch=3,
-                device=True,
-                dtypes=(dt,) * (len(bufs) + 1),
+                levels=bufs, pooled=pooled, batch=3, device=True, dtypes=(dt,) * (len(bufs) + 1)
             )
             got = m.score(dev)
             if dt == "float32":
@@ -272,12 +350,12 @@ def test_device_pointer_input(drv, ctx) -> None:
         m.close()
 
 
-@pytest.mark.gpu
-def test_no_device_allocation_per_image(drv, monkeypatch) -> None:
+def test_no_device_allocation_per_image(gpu: GpuEnv, monkeypatch) -> None:
     rng = np.random.default_rng(6)
     g = make_gallery(rng, [(28, 28, 64), (14, 14, 128)], 128, 10, size=64)
     f = random_features(rng, g.contract, 2)
     m = cm.CudaMatcher(g, k_image=5, k_gallery=5)
+    drv = gpu.drv
     try:
         m.score(f)  # warm-up
         calls = []
@@ -286,7 +364,7 @@ def test_no_device_allocation_per_image(drv, monkeypatch) -> None:
         m._ctx.push()
         free_before = drv.mem_get_info()[0]
         drv.Context.pop()
-        for _ in range(25):
+        for _ in range(25 if gpu.kind == "pycuda" else 3):
             m.score(f)
         m._ctx.push()
         free_after = drv.mem_get_info()[0]
@@ -295,13 +373,14 @@ def test_no_device_allocation_per_image(drv, monkeypatch) -> None:
         assert free_after == free_before
     finally:
         m.close()
+    if gpu.emulator is not None:  # close() returned every byte
+        assert drv.mem_get_info()[0] == simt_pycuda.TOTAL_MEMORY
 
 
-@pytest.mark.gpu
-def test_gallery_that_does_not_fit_is_refused(drv, monkeypatch) -> None:
+def test_gallery_that_does_not_fit_is_refused(gpu: GpuEnv, monkeypatch) -> None:
     rng = np.random.default_rng(7)
     g = make_gallery(rng, [(8, 8, 32)], 32, 4)
-    monkeypatch.setattr(drv, "mem_get_info", lambda: (1 << 20, 1 << 30))
+    monkeypatch.setattr(gpu.drv, "mem_get_info", lambda: (1 << 20, 1 << 30))
     with pytest.raises(CompatibilityError, match="MiB"):
         cm.CudaMatcher(g, k_image=2, k_gallery=2)
 
@@ -313,256 +392,49 @@ def _real_model() -> Path | None:
     return None
 
 
-@pytest.mark.gpu
 @pytest.mark.slow
-def test_real_bottle_features(drv, bottle_dir, tmp_path) -> None:
-    """Lite0 features of real bottle images: same neighbours and maps as the oracle, K=5 and 50."""
-    model = _real_model()
-    if model is None:
-        pytest.skip("no Lite0 ONNX (artifacts/lite0.onnx or .device/lite0.onnx)")
+def test_real_bottle_features(gpu: GpuEnv, request, tmp_path) -> None:
+    """Lite0 features of real bottle images: same neighbours and maps as the oracle.
+
+    On a GPU: 4 images, K=5 and 50. On the emulator (~15 s per image at K=5): 2 images, K=5.
+    """
+    bottle_dir = request.getfixturevalue("bottle_dir")  # after the device check: skips are cheap
+    model = _real_model() or request.getfixturevalue("lite0_onnx")
     from spade_edge.runtime.gallery import Gallery
     from spade_edge.runtime.packer import pack
     from spade_edge.runtime.preprocess import prepare_path
     from spade_edge.runtime.runners.ort import OrtRunner
 
+    real = gpu.kind == "pycuda"
     train = sorted((bottle_dir / "train" / "good").glob("*.png"))[:60]
     out = tmp_path / "bottle.gallery"
     pack(model, train, out, progress=False)
     g = Gallery.open(out)
     runner = OrtRunner(model)
-    tests = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2]
-    tests += sorted((bottle_dir / "test" / "good").glob("*.png"))[:2]
+    tests = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[: 2 if real else 1]
+    tests += sorted((bottle_dir / "test" / "good").glob("*.png"))[: 2 if real else 1]
     batch = np.stack([prepare_path(p, runner.contract).tensor for p in tests])
     f = runner.infer(batch)
-    for k in (5, 50):
+    for k in (5, 50) if real else (5,):
         got, want = run_both(g, f, k_image=k, k_gallery=k)
         assert_matches(got, want)
 
 
-# ----------------------------------------------------------------------------- emulated device
-# A stand-in for pycuda whose kernels are NumPy versions of the .cu semantics, over a fake device
-# memory that checks every access against its allocation. It runs CudaMatcher's host side (plan,
-# upload, pointer arithmetic, launch arguments, output layout, allocation discipline) in CI,
-# where there is no GPU; the kernels themselves are checked by the GPU tests above.
-class _FakeMemory:
-    def __init__(self) -> None:
-        self.blocks: dict[int, np.ndarray] = {}
-        self.next = 1 << 20
-        self.allocs = 0
-
-    def alloc(self, n: int) -> int:
-        base, self.next = self.next, self.next + (n + 511) // 256 * 256
-        self.blocks[base] = np.zeros(n, dtype=np.uint8)
-        self.allocs += 1
-        return base
-
-    def view(self, ptr: int, dtype, count: int) -> np.ndarray:
-        nbytes = np.dtype(dtype).itemsize * count
-        for base, buf in self.blocks.items():
-            if base <= ptr < base + len(buf):
-                off = ptr - base
-                assert off + nbytes <= len(buf), "device access out of bounds"
-                assert off % np.dtype(dtype).itemsize == 0, "misaligned device access"
-                return buf[off : off + nbytes].view(dtype)
-        raise AssertionError(f"invalid device pointer {ptr:#x}")
-
-
-def _fake_pycuda(mem: _FakeMemory):
-    import types
-
-    from spade_edge.runtime.scoring import upsample_bilinear
-
-    class Alloc:
-        def __init__(self, n: int) -> None:
-            self.ptr = mem.alloc(n)
-
-        def __int__(self) -> int:
-            return self.ptr
-
-        def free(self) -> None:
-            mem.blocks.pop(self.ptr, None)
-
-    def htod(dst, src, stream=None):
-        b = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
-        mem.view(int(dst), np.uint8, b.size)[:] = b
-
-    def dtoh(dst, src, stream=None):
-        b = dst.view(np.uint8).reshape(-1)
-        b[:] = mem.view(int(src), np.uint8, b.size)
-
-    def pooled_dist(grid, smem, q, half, cg, g, gn, n, dist):
-        qv = mem.view(q, np.float16 if half else np.float32, cg).astype(np.float64)
-        gv = mem.view(g, np.float16, n * cg).reshape(n, cg).astype(np.float64)
-        d = qv @ qv + mem.view(gn, np.float64, n) - 2 * (gv @ qv)
-        mem.view(dist, np.float64, n)[:] = np.maximum(d, 0)
-
-    def topk(grid, smem, dist, n, npad, k_image, kmax, nbr, score):
-        assert npad >= n and smem >= npad * 12
-        d = mem.view(dist, np.float64, n)
-        order = np.argsort(d, kind="stable")
-        mem.view(nbr, np.int32, kmax)[:] = order[:kmax]
-        mem.view(score, np.float32, 1)[0] = np.sqrt(d[order[:k_image]]).mean()
-
-    def prep(grid, smem, src, half, p, c, cp, dst, qn, minbuf):
-        x = mem.view(src, np.float16 if half else np.float32, p * c).reshape(p, c)
-        h = np.zeros((p, cp), np.float16)
-        h[:, :c] = x
-        mem.view(dst, np.float16, p * cp)[:] = h.reshape(-1)
-        mem.view(qn, np.float32, p)[:] = (h.astype(np.float32) ** 2).sum(1)
-        mem.view(minbuf, np.uint32, p)[:] = 0x7F800000
-
-    def knn(bm):
-        def run(grid, smem, q, qn, nq, g, gn, idx, p, k, cp, tps, out):
-            assert grid[0] * bm >= nq and smem == cm.fused_smem_bytes(bm, cp)
-            tiles = -(-(p * k) // cm.BN)
-            assert grid[1] * tps >= tiles > (grid[1] - 1) * tps
-            ids = mem.view(idx, np.int32, k).astype(np.int64)
-            rows = (ids[:, None] * p + np.arange(p)).reshape(-1)
-            n_rows = int(ids.max() + 1) * p
-            gv = mem.view(g, np.float16, n_rows * cp).reshape(n_rows, cp)[rows]
-            qv = mem.view(q, np.float16, nq * cp).reshape(nq, cp).astype(np.float32)
-            d = mem.view(gn, np.float32, n_rows)[rows][None] - 2 * qv @ gv.astype(np.float32).T
-            best = np.maximum(d.min(1) + mem.view(qn, np.float32, nq), 0).astype(np.float32)
-            o = mem.view(out, np.uint32, nq)
-            o[:] = np.minimum(o, best.view(np.uint32))
-
-        return run
-
-    def upsample(grid, smem, minbuf, table, n_levels, s, out):
-        acc = np.zeros((s, s), np.float32)
-        for off, h, w in mem.view(table, np.int32, 3 * n_levels).reshape(-1, 3):
-            m = mem.view(minbuf + int(off) * 4, np.float32, int(h * w)).reshape(h, w)
-            acc += upsample_bilinear(np.sqrt(m), s)
-        mem.view(out, np.float32, s * s)[:] = (acc / n_levels).reshape(-1)
-
-    def blur(grid, smem, src, dst, s, w, r, along_y):
-        x = mem.view(src, np.float32, s * s).reshape(s, s)
-        wv = mem.view(w, np.float32, 2 * r + 1).astype(np.float64)
-        y = correlate1d(x.astype(np.float64), wv, axis=0 if along_y else 1, mode="reflect")
-        mem.view(dst, np.float32, s * s)[:] = y.reshape(-1)
-
-    kernels = {
-        "pooled_dist": (pooled_dist, "PiiPPiP"),
-        "topk_select": (topk, "PiiiiPP"),
-        "prep_query": (prep, "PiiiiPPP"),
-        "upsample_mean": (upsample, "PPiiP"),
-        "blur_pass": (blur, "PPiPii"),
-    } | {f"knn_min_bm{b}": (knn(b), "PPiPPPiiiiP") for b in cm.BM_CHOICES}
-
-    class Function:
-        def __init__(self, name: str) -> None:
-            self.impl, self.sig = kernels[name]
-            self.limit = 48 * 1024
-
-        def prepare(self, fmt: str) -> None:
-            assert fmt == self.sig
-
-        def set_attribute(self, attr, value) -> None:
-            self.limit = value
-
-        def get_attribute(self, attr) -> int:
-            return 128
-
-        def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
-            assert len(args) == len(self.sig) and shared_size <= self.limit
-            assert all(isinstance(a, int) for a in args)
-            self.impl(grid, shared_size, *args)
-
-    class SourceModule:
-        def __init__(self, source, options=None, no_extern_c=False, arch=None, cache_dir=None):
-            self.source = source
-
-        def get_function(self, name: str) -> Function:
-            assert name in self.source or name.startswith("knn_min_bm")
-            return Function(name)
-
-    class Context:
-        stack: list = []  # noqa: RUF012
-
-        def push(self) -> None:
-            Context.stack.append(self)
-
-        @staticmethod
-        def pop() -> None:
-            Context.stack.pop()
-
-        @staticmethod
-        def get_current():
-            return None
-
-        @staticmethod
-        def get_device():
-            assert Context.stack, "no current context"
-            return Device(0)
-
-    attrs = {
-        "MULTIPROCESSOR_COUNT": 132,
-        "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 232448,
-        "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472,
-        "MAX_REGISTERS_PER_MULTIPROCESSOR": 65536,
-    }
-
-    class Device:
-        def __init__(self, i: int) -> None:
-            pass
-
-        count = staticmethod(lambda: 1)
-        name = staticmethod(lambda: "emulated sm_90")
-        compute_capability = staticmethod(lambda: (9, 0))
-        get_attribute = staticmethod(lambda a: attrs[a])
-        retain_primary_context = staticmethod(Context)
-
-    class Names:
-        def __getattr__(self, name: str) -> str:
-            return name
-
-    drv = types.SimpleNamespace(
-        init=lambda: None,
-        Error=RuntimeError,
-        MemoryError=MemoryError,
-        Device=Device,
-        Context=Context,
-        device_attribute=Names(),
-        function_attribute=Names(),
-        mem_alloc=Alloc,
-        mem_get_info=lambda: (64 << 30, 141 << 30),
-        memcpy_htod=htod,
-        memcpy_htod_async=htod,
-        memcpy_dtoh_async=dtoh,
-        pagelocked_empty=lambda n, dtype: np.zeros(n, dtype),
-        Stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
-        Event=lambda: types.SimpleNamespace(record=lambda s=None: None, time_since=lambda e: 0.0),
+# ----------------------------------------------------------------------------- emulator itself
+@pytest.mark.simt
+def test_emulator_refuses_an_undersized_shared_memory_launch(simt_lib) -> None:
+    """The emulator is a checker: a launch whose tiles overrun shared memory is an error."""
+    dev = simt_device.Device(simt_lib)
+    cp, nq, p = 64, 20, 30
+    q = dev.upload(np.zeros((nq, cp), np.float16))
+    qn = dev.upload(np.zeros(nq, np.float32))
+    g = dev.upload(np.zeros((p, cp), np.float16))
+    gn = dev.upload(np.zeros(p, np.float32))
+    idx = dev.upload(np.zeros(1, np.int32))
+    out = dev.upload(np.full(nq, 0x7F800000, np.uint32))
+    args = (q, qn, nq, g, gn, idx, p, 1, cp, 1, out)
+    with pytest.raises(simt_device.SimtError, match="shared"):
+        dev.launch("knn_min_bm32", (1, 1), (256,), "PPiPPPiiiiP", *args, shared=16 * 1024)
+    dev.launch(
+        "knn_min_bm32", (1, 1), (256,), "PPiPPPiiiiP", *args, shared=cm.fused_smem_bytes(32, cp)
     )
-    compiler = types.SimpleNamespace(SourceModule=SourceModule)
-    return types.SimpleNamespace(driver=drv, compiler=compiler), drv, Alloc
-
-
-def test_host_side_on_emulated_device(monkeypatch) -> None:
-    """Plan, upload, launches and output decoding, against the oracle, on an emulated GPU."""
-    import sys
-
-    mem = _FakeMemory()
-    pkg, drv, alloc = _fake_pycuda(mem)
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
-    monkeypatch.setitem(sys.modules, "pycuda.compiler", pkg.compiler)
-    rng = np.random.default_rng(8)
-    g = make_gallery(rng, [(9, 7, 40), (13, 11, 72), (5, 3, 136)], 48, 9, size=40)
-    f = random_features(rng, g.contract, 2)
-    want = NumpyMatcher(g, k_image=3, k_gallery=4).score(f)
-    m = cm.CudaMatcher(g, k_image=3, k_gallery=4)
-    assert_matches(m.score(f), want)
-    # device features (fp32) give the same result, and scoring allocates nothing
-    bufs = []
-    for a in [*f.levels, f.pooled]:
-        bufs.append(alloc(a.nbytes))
-        drv.memcpy_htod(bufs[-1], a)
-    dev = Features(levels=bufs[:-1], pooled=bufs[-1], batch=2, device=True, dtypes=("float32",))
-    n_allocs = mem.allocs
-    assert_matches(m.score(dev), want)
-    for bm in cm.BM_CHOICES:
-        m.set_block_rows(bm)
-        assert_matches(m.score(f), want)
-    assert mem.allocs == n_allocs
-    m.close()
-    assert len(mem.blocks) == len(bufs)  # close() freed every matcher buffer

@@ -22,11 +22,18 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#ifndef SPADE_DYNAMIC_SMEM
+#define SPADE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#endif
+
 #define KNN_BN 128
 #define KNN_BK 64
 #define KNN_STAGES 3
 #define KNN_THREADS 256
 
+// PTX wrappers. tests/simt (a CPU SIMT emulator that runs these kernels in CI) supplies its own
+// versions with the PTX ISA's semantics, so everything below them is executed there.
+#ifndef SPADE_SIMT
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -63,6 +70,7 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // SPADE_SIMT
 
 // Byte offset of 16-byte chunk `c` of row `r` in a tile whose rows hold `row_chunks` chunks
 // (a multiple of 8): the low three chunk bits are XOR-ed with the row, so the 8 rows read by
@@ -90,7 +98,7 @@ __device__ __forceinline__ void knn_min_impl(const __half* __restrict__ Q,
     static_assert(MT >= 1 && WTM % 16 == 0, "warp rows must be a multiple of 16");
     static_assert(NT % 2 == 0, "B fragments are loaded 16 columns at a time");
 
-    extern __shared__ __align__(128) unsigned char smem[];
+    SPADE_DYNAMIC_SMEM(unsigned char, smem);
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;

@@ -8,6 +8,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#ifndef SPADE_DYNAMIC_SMEM
+#define SPADE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#endif
+
 // One warp per gallery image. q: fp32 or fp16 [Cg]; G: fp16 [N, Cg]; gn: float64 [N]
 // (squared norms of the fp16 values); dist: float64 [N] = max(qn + gn - 2 q.g, 0).
 // Dynamic shared memory: Cg doubles (the query) + 32 doubles.
@@ -15,7 +19,7 @@ extern "C" __global__ void pooled_dist(const void* __restrict__ q, int q_half, i
                                        const __half* __restrict__ G,
                                        const double* __restrict__ gn, int N,
                                        double* __restrict__ dist) {
-    extern __shared__ double sq[];
+    SPADE_DYNAMIC_SMEM(double, sq);
     double* red = sq + Cg;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -68,7 +72,7 @@ extern "C" __global__ void pooled_dist(const void* __restrict__ q, int q_half, i
 extern "C" __global__ void topk_select(const double* __restrict__ dist, int N, int npad,
                                        int k_image, int kmax, int* __restrict__ nbr,
                                        float* __restrict__ score) {
-    extern __shared__ double sd[];
+    SPADE_DYNAMIC_SMEM(double, sd);
     int* si = reinterpret_cast<int*>(sd + npad);
     const int tid = threadIdx.x;
     for (int i = tid; i < npad; i += blockDim.x) {

@@ -1,0 +1,36 @@
+"""spade-eval with ``--matcher cuda`` on the SIMT emulator: the CUDA matcher's metrics, no GPU.
+
+Usage: python scripts/simt_eval.py MODEL DATA_DIR [spade-eval options...]
+
+The matcher's host code and its .cu kernels run exactly as on a GPU, but on the CPU emulator in
+tests/simt (about 15 s per image for Lite0 at K=5 on one core), so this is a correctness run
+for machines without a GPU, not a speed measurement. Compare with the same command's
+``--matcher numpy`` report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import simt_device  # noqa: E402
+import simt_pycuda  # noqa: E402
+
+
+def main() -> None:
+    lib = simt_device.build(ROOT / ".pytest_cache" / "d" / "simt")
+    pkg = simt_pycuda.make_pycuda(simt_device.Device(lib), "sm_90")
+    sys.modules.update(
+        {"pycuda": pkg, "pycuda.driver": pkg.driver, "pycuda.compiler": pkg.compiler}
+    )
+    from spade_edge.runtime.cli.eval import main as eval_main
+
+    sys.argv = ["spade-eval", *sys.argv[1:], "--matcher", "cuda"]
+    eval_main()
+
+
+if __name__ == "__main__":
+    main()
