@@ -8,10 +8,12 @@
 #   tests  tests/test_cuda_matcher.py (GPU + real bottle data) and tests/test_kernels_compile.py
 #   bench  python -m spade_edge.runtime.matchers.cuda_bench (wrn50 at K=5/50, Lite0)
 #   eval   spade-eval Lite0 on bottle with --matcher numpy and cuda; metrics must agree +-0.002
+#   sanitize  compute-sanitizer memcheck/racecheck/synccheck over scripts/cuda_sanitize_case.py
+#          (every fused-kernel variant, odd sizes, checked against NumPy); last, uses what is left
 # Logs and JSON go to $OUT (or ./device_out). DEVICE_CHECK_BUDGET_S (default 450) caps the
 # whole run: each step's timeout is cut to what is left, later steps are skipped when none is.
-# DEVICE_CHECK_STEPS (default "build tests bench eval") picks steps. Exit status: 0 when every
-# step that ran passed.
+# DEVICE_CHECK_STEPS (default "build tests bench eval sanitize") picks steps. Exit status: 0
+# when every step that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,7 +21,7 @@ D=${SPADE_DEVICE_DIR:-$ROOT/.device}
 OUT=${OUT:-$ROOT/device_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STEPS=${DEVICE_CHECK_STEPS:-build tests bench eval}
+STEPS=${DEVICE_CHECK_STEPS:-build tests bench eval sanitize}
 BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 export PYTHONUNBUFFERED=1
 export PATH="$PATH:/usr/local/cuda/bin"
@@ -215,11 +217,32 @@ EOF
     fi
 fi
 
+# ------------------------------------------------------------------ compute-sanitizer
+if has_step sanitize; then
+    say "compute-sanitizer over the matcher's kernels"
+    san=$(command -v compute-sanitizer || true)
+    if [ -z "$san" ]; then
+        note sanitize SKIP "compute-sanitizer not found"
+    else
+        res=""
+        bad=0
+        for tool in memcheck racecheck synccheck; do
+            run_for 90 "$san" --tool "$tool" --error-exitcode 3 --print-limit 20 \
+                $PY scripts/cuda_sanitize_case.py >"$OUT/sanitize_$tool.log" 2>&1
+            rc=$?
+            tail -4 "$OUT/sanitize_$tool.log"
+            res="$res $tool=$([ $rc = 0 ] && echo clean || echo "rc$rc")"
+            [ $rc = 0 ] || bad=1
+        done
+        if [ $bad = 0 ]; then note sanitize OK "$res"; else note sanitize FAIL "$res (see sanitize_*.log)"; fi
+    fi
+fi
+
 say "summary"
-printf '%-6s %-5s %s\n' step result detail
+printf '%-8s %-5s %s\n' step result detail
 for row in "${SUMMARY[@]}"; do
     IFS='|' read -r a b c <<<"$row"
-    printf '%-6s %-5s %s\n' "$a" "$b" "$c"
+    printf '%-8s %-5s %s\n' "$a" "$b" "$c"
 done
 return $FAILED
 }

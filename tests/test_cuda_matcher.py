@@ -139,6 +139,29 @@ def test_block_rows_fit_shared_memory() -> None:
             cm.choose_block_rows(p, cm.padded_channels(c), optin)
 
 
+def test_wrn50_k50_n1000_fits_a_16gb_card() -> None:
+    """The issue's sizing: 1,000 wrn50 images at K=50 within 16 GB (with the reserve)."""
+    c = make_contract([(56, 56, 256), (28, 28, 512), (14, 14, 1024)], 2048, 224)
+    need = cm.device_bytes(c, 1000, 50)
+    assert 2.5e9 < need < 3.5e9  # ~2.83 MB of fp16 features per image, channels already /64
+    assert need + cm.RESERVE_BYTES < 16 * 10**9
+
+
+@pytest.mark.simt
+def test_memory_estimate_is_what_the_matcher_allocates(simt_lib, monkeypatch) -> None:
+    """device_bytes (the up-front check) covers every allocation, and not much more."""
+    env = simt_env(simt_lib, monkeypatch)
+    rng = np.random.default_rng(14)
+    g = make_gallery(rng, [(9, 7, 40), (13, 11, 72), (5, 3, 136)], 48, 9, size=40)
+    m = cm.CudaMatcher(g, k_image=3, k_gallery=4)
+    try:
+        used = simt_pycuda.TOTAL_MEMORY - env.drv.mem_get_info()[0]
+        est = cm.device_bytes(g.contract, 9, 4)
+        assert used <= est <= used + 8192
+    finally:
+        m.close()
+
+
 def test_backend_unavailable_without_pycuda() -> None:
     try:
         import pycuda.driver  # noqa: F401

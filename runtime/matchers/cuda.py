@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import (
     BackendUnavailableError,
     CompatibilityError,
@@ -106,6 +107,24 @@ def choose_splits(row_blocks: int, tiles: int, slots: int, bm: int) -> tuple[int
     s = best[1] if best else 1
     per = -(-tiles // s)
     return -(-tiles // per), per
+
+
+def device_bytes(contract: Contract, n_images: int, kmax: int) -> int:
+    """Device memory the matcher allocates for a gallery: checked against free memory up front.
+
+    Gallery (fp16 levels padded to Cp, fp32 norms, fp16 pooled + fp64 norms) plus the per-image
+    workspaces (query copies, staging, minima, two map buffers, the output record, the blur
+    weights). wrn50 at N=1000: 2.84 GB, so K up to 50 fits a 16 GB card with room to spare.
+    """
+    n, cg, s = int(n_images), int(contract.pooled_dim), int(contract.image_size)
+    total = n * cg * 2 + n * 8 + n * 8 + cg * 4  # pooled, its norms, distances, query
+    for lv in contract.levels:
+        p, c = lv.height * lv.width, lv.channels
+        cp = padded_channels(c)
+        total += n * p * cp * 2 + n * p * 4  # gallery level + norms
+        total += p * cp * 2 + p * 4 + p * 4 + p * c * 4  # query fp16, norms, minima, staging
+    total += 2 * s * s * 4 + (s * s + 1 + int(kmax)) * 4  # map buffers, output record
+    return total + 4096  # level table, blur weights
 
 
 def gaussian_weights(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.ndarray:
@@ -271,16 +290,13 @@ class CudaMatcher:
 
         # Plan the levels and check the memory budget before any big allocation.
         plan = []
-        total = n * cg * 2 + n * 8 + n * 8 + cg * 4
         min_total = 0
         for lv in c.levels:
             p = lv.height * lv.width
-            cp = padded_channels(lv.channels)
-            plan.append((lv, p, cp, min_total))
+            plan.append((lv, p, padded_channels(lv.channels), min_total))
             min_total += p
-            total += n * p * cp * 2 + n * p * 4 + p * cp * 2 + p * 4 + p * 4 + p * lv.channels * 4
         n_out = s * s + 1 + self.kmax
-        total += 2 * s * s * 4 + n_out * 4 + 4096
+        total = device_bytes(c, n, self.kmax)
         free, _total = drv.mem_get_info()
         if total + RESERVE_BYTES > free:
             raise CompatibilityError(
