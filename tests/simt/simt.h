@@ -15,7 +15,10 @@
 //  * cp.async copies are deferred to the cp.async.wait_group that retires their group (or done
 //    at issue in "eager" mode), so reading a stage before waiting for it reads stale data;
 //  * dynamic shared memory starts as 0xFF bytes (fp16/fp32 NaN), and every shared-memory access
-//    made through the emulated instructions is bounds- and alignment-checked.
+//    made through the emulated instructions is bounds- and alignment-checked;
+//  * a racecheck for those accesses, per 4-byte word: ldmatrix of a word with a cp.async in
+//    flight, ldmatrix of a word another thread's cp.async filled since the last barrier, and
+//    a cp.async into a word another thread read since the last barrier are errors.
 //
 // It checks logic, not hardware: no timing, no bank conflicts, no real concurrency inside a warp
 // between synchronisation points. Include it before the kernel sources (-DSPADE_SIMT).
@@ -108,6 +111,13 @@ struct Fiber {
     long committed = 0;
 };
 
+// Hazard state of one 4-byte shared-memory word. A stamp is (block serial << 32 | barrier epoch).
+struct Word {
+    uint64_t wstamp = ~0ull, rstamp = ~0ull;
+    int wthread = -1, rthread = -1;  // rthread -2: several readers in that epoch
+    int inflight = 0;
+};
+
 struct Warp {
     int live = 0;
     int arrived = 0;
@@ -123,6 +133,9 @@ struct Machine {
     unsigned char* smem = nullptr;
     size_t smem_bytes = 0;
     std::vector<unsigned char> smem_store;
+    std::vector<Word> words;  // racecheck shadow of smem, one entry per 4 bytes
+    uint64_t block_serial = 0;
+    long inflight_words = 0;
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     int block_live = 0, block_arrived = 0;
@@ -226,8 +239,38 @@ inline unsigned char* smem_ptr(uint32_t addr, uint32_t n, uint32_t align, const 
     return M.smem + addr;
 }
 
-inline void complete(const Copy& c) {
-    unsigned char* d = m().smem + c.dst;
+inline uint64_t stamp() { return (m().block_serial << 32) | m().block_gen; }
+
+// Racecheck, read side: thread `t` reads [addr, addr + n) through an emulated instruction.
+inline void check_read(uint32_t addr, uint32_t n, int t, const char* what) {
+    Machine& M = m();
+    const uint64_t now = stamp();
+    for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
+        Word& x = M.words[w];
+        if (x.inflight > 0)
+            fail(std::string(what) + " reads shared memory with a cp.async still in flight (byte " +
+                 std::to_string(4 * w) + ")");
+        if (x.wstamp == now && x.wthread != t)
+            fail(std::string(what) + " reads shared memory that thread " +
+                 std::to_string(x.wthread) + "'s cp.async filled after the last barrier (byte " +
+                 std::to_string(4 * w) + ")");
+        x.rthread = (x.rstamp == now && x.rthread != t) ? -2 : t;
+        x.rstamp = now;
+    }
+}
+
+inline void complete(const Copy& c, int t) {
+    Machine& M = m();
+    for (uint32_t w = c.dst / 4; w < (c.dst + c.bytes) / 4; ++w) {
+        Word& x = M.words[w];
+        if (!M.eager) {
+            --x.inflight;
+            --M.inflight_words;
+        }
+        x.wstamp = stamp();
+        x.wthread = t;
+    }
+    unsigned char* d = M.smem + c.dst;
     if (c.src_bytes > 0) std::memcpy(d, c.src, static_cast<size_t>(c.src_bytes));
     if (c.src_bytes < c.bytes) std::memset(d + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
 }
@@ -238,9 +281,20 @@ inline void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
     if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(bytes) != 0)
         fail("cp.async: misaligned global address");
     Fiber& f = *m().cur;
+    const uint64_t now = stamp();
+    for (uint32_t w = dst / 4; w < (dst + static_cast<uint32_t>(bytes)) / 4; ++w) {
+        Word& x = m().words[w];
+        if (x.inflight > 0) fail("two cp.async in flight to the same shared memory");
+        if (x.rstamp == now && x.rthread != f.linear)
+            fail("cp.async overwrites shared memory another thread read after the last barrier");
+        if (!m().eager) {
+            ++x.inflight;
+            ++m().inflight_words;
+        }
+    }
     const Copy c{dst, src, bytes, src_bytes, f.committed};
     if (m().eager) {
-        complete(c);
+        complete(c, f.linear);
     } else {
         f.pending.push_back(c);
     }
@@ -311,7 +365,7 @@ inline void cp_async_wait() {
     std::vector<simt::Copy> keep;
     for (const simt::Copy& c : f.pending) {
         if (c.group < limit) {
-            simt::complete(c);
+            simt::complete(c, f.linear);
         } else {
             keep.push_back(c);
         }
@@ -323,6 +377,7 @@ inline void cp_async_wait() {
 // register i of lane l holds row l/4, columns 2(l%4) and 2(l%4)+1 of matrix i.
 inline void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     simt::smem_ptr(addr, 16, 16, "ldmatrix");
+    simt::check_read(addr, 16, simt::m().cur->linear, "ldmatrix");
     const uint64_t in = addr;
     const int b = simt::warp_collective(simt::K_LDMATRIX, &in, 1);
     const int lane = simt::my_lane();

@@ -124,6 +124,11 @@ uint64_t next_random(uint64_t& s) {
 
 bool run_block(Machine& M, int n, uint64_t& rng) {
     std::fill(M.smem_store.begin(), M.smem_store.end(), 0xFF);
+    ++M.block_serial;  // invalidates every racecheck stamp of the previous block
+    if (M.inflight_words != 0) {  // copies a block never waited for
+        for (Word& w : M.words) w.inflight = 0;
+        M.inflight_words = 0;
+    }
     M.block_live = n;
     M.block_arrived = 0;
     M.block_gen = 0;
@@ -189,6 +194,8 @@ extern "C" int simt_launch(const char* name, const unsigned* grid, const unsigne
         M.args = args;
         M.eager = eager != 0;
         M.smem_store.assign(smem_bytes + 16, 0xFF);
+        M.words.assign(smem_bytes / 4 + 4, Word{});
+        M.inflight_words = 0;
         M.smem = M.smem_store.data();
         M.smem_bytes = smem_bytes;
         if (M.fibers.size() < static_cast<size_t>(n)) M.fibers.resize(n);
