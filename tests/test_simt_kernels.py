@@ -37,6 +37,19 @@ def test_emulated_mma_follows_the_ptx_fragment_table(lib: Path) -> None:
     np.testing.assert_allclose(dev.view(d, np.float32, 128).reshape(16, 8), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eager", [False, True])
+def test_emulator_racecheck_needs_the_barrier(lib: Path, eager: bool, seed: int) -> None:
+    """Reading rows other lanes copied, with and without __syncthreads between (the error is a
+    read-after-copy or a copy-after-read, depending on the interleaving)."""
+    dev = simt_device.Device(lib, seed=seed, eager=eager)
+    src = dev.upload(np.arange(32 * 8, dtype=np.float16))
+    out = dev.alloc(32 * 4 * 4)
+    dev.launch("simt_selftest_race", (1,), (32,), "PiP", src, 1, out, shared=32 * 16)
+    with pytest.raises(simt_device.SimtError, match="after the last barrier"):
+        dev.launch("simt_selftest_race", (1,), (32,), "PiP", src, 0, out, shared=32 * 16)
+
+
 def _knn_case(dev, rng, bm, nq, c, n, p, idx, splits, tie=False):
     cp = cm.padded_channels(c)
     q = np.zeros((nq, cp), np.float16)

@@ -35,6 +35,22 @@ extern "C" __global__ void simt_selftest_mma(const __half* A, const __half* Bt, 
     for (int e = 0; e < 4; ++e) D[(g + 8 * (e / 2)) * 8 + 2 * t + (e % 2)] = c[e];
 }
 
+// Emulator self-check of the racecheck: lane l copies row l of a 32x8 fp16 matrix into shared
+// memory, waits for its copy, then (with `barrier`) synchronises, and the warp reads the rows with
+// ldmatrix; each lane reads a row another lane copied, so without the barrier it is a race.
+extern "C" __global__ void simt_selftest_race(const __half* src, int barrier, uint32_t* out) {
+    SPADE_DYNAMIC_SMEM(unsigned char, buf);
+    const int lane = threadIdx.x;
+    const uint32_t base = smem_addr(buf);
+    cp_async16(base + lane * 16, src + lane * 8, 16);
+    cp_async_commit();
+    cp_async_wait<0>();
+    if (barrier) __syncthreads();
+    uint32_t r[4];
+    ldmatrix_x4(base + ((lane + 1) % 32) * 16, r[0], r[1], r[2], r[3]);
+    for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+}
+
 // ----------------------------------------------------------------------------- launch table
 namespace simt {
 
@@ -58,7 +74,7 @@ const Entry kEntries[] = {
     SIMT_ENTRY(knn_min_bm128), SIMT_ENTRY(knn_min_bm64),   SIMT_ENTRY(knn_min_bm32),
     SIMT_ENTRY(knn_min_bm16),  SIMT_ENTRY(prep_query),     SIMT_ENTRY(pooled_dist),
     SIMT_ENTRY(topk_select),   SIMT_ENTRY(upsample_mean),  SIMT_ENTRY(blur_pass),
-    SIMT_ENTRY(simt_selftest_mma),
+    SIMT_ENTRY(simt_selftest_mma), SIMT_ENTRY(simt_selftest_race),
 };
 
 constexpr size_t kStack = 256 << 10;
