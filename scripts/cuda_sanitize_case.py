@@ -24,14 +24,9 @@ def main() -> int:
     ap.add_argument("--simt", action="store_true", help="run on the SIMT emulator")
     a = ap.parse_args()
     if a.simt:
-        import simt_device
         import simt_pycuda
 
-        lib = simt_device.build(ROOT / ".pytest_cache" / "d" / "simt")
-        pkg = simt_pycuda.make_pycuda(simt_device.Device(lib), "sm_90")
-        sys.modules.update(
-            {"pycuda": pkg, "pycuda.driver": pkg.driver, "pycuda.compiler": pkg.compiler}
-        )
+        simt_pycuda.install()
     from test_cuda_matcher import assert_matches, make_gallery, random_features
 
     from spade_edge.runtime.matchers import cuda as cm

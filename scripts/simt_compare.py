@@ -21,7 +21,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import simt_device  # noqa: E402
 import simt_pycuda  # noqa: E402
 
 
@@ -34,11 +33,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=0, help="first N train images (0 = all)")
     a = ap.parse_args()
 
-    lib = simt_device.build(ROOT / ".pytest_cache" / "d" / "simt")
-    pkg = simt_pycuda.make_pycuda(simt_device.Device(lib), "sm_90")
-    sys.modules.update(
-        {"pycuda": pkg, "pycuda.driver": pkg.driver, "pycuda.compiler": pkg.compiler}
-    )
+    simt_pycuda.install()
     from spade_edge.runtime.gallery import Gallery
     from spade_edge.runtime.matchers.cuda import CudaMatcher
     from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher

@@ -16,16 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import simt_device  # noqa: E402
 import simt_pycuda  # noqa: E402
 
 
 def main() -> None:
-    lib = simt_device.build(ROOT / ".pytest_cache" / "d" / "simt")
-    pkg = simt_pycuda.make_pycuda(simt_device.Device(lib), "sm_90")
-    sys.modules.update(
-        {"pycuda": pkg, "pycuda.driver": pkg.driver, "pycuda.compiler": pkg.compiler}
-    )
+    simt_pycuda.install()
     from spade_edge.runtime.cli.eval import main as eval_main
 
     sys.argv = ["spade-eval", *sys.argv[1:], "--matcher", "cuda"]

@@ -26,6 +26,8 @@ SOURCES = (
     SIMT_DIR / "include" / "cuda_fp16.h",
     *sorted(KERNEL_DIR.glob("*.cu")),
 )
+#: where scripts build the emulator (the tests use pytest's cache directory, the same place)
+DEFAULT_CACHE = ROOT / ".pytest_cache" / "d" / "simt"
 GUARD = 256
 GUARD_BYTE = 0xA5
 

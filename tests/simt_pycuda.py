@@ -8,10 +8,14 @@ describe the three targets, so block-row planning sees each one's shared-memory 
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simt_device
 from simt_device import Device
 
 #: (compute capability, attributes) of the targets: Jetson AGX Orin, L4 (Ada), H200 (Hopper)
@@ -202,3 +206,19 @@ def make_pycuda(dev: Device, target: str = "sm_90") -> types.SimpleNamespace:
     )
     compiler = types.SimpleNamespace(SourceModule=SourceModule)
     return types.SimpleNamespace(driver=drv, compiler=compiler, device=dev)
+
+
+def install(
+    lib: Path | None = None,
+    target: str = "sm_90",
+    setitem: Callable[[dict, str, Any], None] | None = None,
+) -> types.SimpleNamespace:
+    """Make ``import pycuda`` give the emulated device (``lib`` defaults to a build in
+    .pytest_cache). ``setitem`` is how sys.modules is written: pytest's monkeypatch.setitem in
+    tests (undone after each), plain assignment in scripts."""
+    pkg = make_pycuda(Device(lib or simt_device.build(simt_device.DEFAULT_CACHE)), target)
+    put = setitem or (lambda d, k, v: d.__setitem__(k, v))
+    modules = {"pycuda": pkg, "pycuda.driver": pkg.driver, "pycuda.compiler": pkg.compiler}
+    for name, mod in modules.items():
+        put(sys.modules, name, mod)
+    return pkg

@@ -8,9 +8,8 @@ weights) are checked on any machine.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from scipy.ndimage import correlate1d, gaussian_filter1d
 
 from spade_edge.runtime.contract import Contract, Level, resize_for
 from spade_edge.runtime.errors import BackendUnavailableError, CompatibilityError, ConfigError
+from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import cuda as cm
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 from spade_edge.runtime.runners.base import Features
@@ -30,26 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- fakes
-@dataclass
-class FakeGallery:
-    """GalleryArrays from random (or given) features: fp16 values, norms of the fp16 values."""
-
-    contract: Contract
-    pooled: np.ndarray
-    levels: list[np.ndarray]
-    path: str = "fake.gallery"
-    pooled_sqnorms: np.ndarray = field(init=False)
-    level_sqnorms: list[np.ndarray] = field(init=False)
-    n_images: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pooled = self.pooled.astype(np.float16)
-        self.levels = [a.astype(np.float16) for a in self.levels]
-        self.n_images = len(self.pooled)
-        self.pooled_sqnorms = (self.pooled.astype(np.float32) ** 2).sum(-1)
-        self.level_sqnorms = [(a.astype(np.float32) ** 2).sum(-1) for a in self.levels]
-
-
 def make_contract(shapes: list[tuple[int, int, int]], pooled_dim: int, size: int) -> Contract:
     levels = tuple(
         Level(name=f"l{i}", stride=4 << i, channels=c, height=h, width=w)
@@ -78,10 +58,10 @@ def random_features(rng: np.random.Generator, contract: Contract, n: int) -> Fea
 
 def make_gallery(
     rng: np.random.Generator, shapes: list[tuple[int, int, int]], pooled_dim: int, n: int, size=32
-) -> FakeGallery:
+) -> InMemoryGallery:
     c = make_contract(shapes, pooled_dim, size)
     f = random_features(rng, c, n)
-    return FakeGallery(c, f.pooled, f.levels)
+    return InMemoryGallery.from_features(c, f.levels, f.pooled)
 
 
 def assert_matches(got, want, rtol: float = 2e-3) -> None:
@@ -218,11 +198,7 @@ def _pycuda_env() -> GpuEnv:
 
 
 def simt_env(simt_lib: Path, monkeypatch: pytest.MonkeyPatch, target: str = "sm_90") -> GpuEnv:
-    dev = simt_device.Device(simt_lib, seed=0)
-    pkg = simt_pycuda.make_pycuda(dev, target)
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", pkg.driver)
-    monkeypatch.setitem(sys.modules, "pycuda.compiler", pkg.compiler)
+    pkg = simt_pycuda.install(simt_lib, target, monkeypatch.setitem)
 
     def to_device(a: np.ndarray) -> Any:
         a = np.ascontiguousarray(a)
@@ -230,7 +206,7 @@ def simt_env(simt_lib: Path, monkeypatch: pytest.MonkeyPatch, target: str = "sm_
         pkg.driver.memcpy_htod(buf, a)
         return buf
 
-    return GpuEnv("simt", pkg.driver, to_device, dev)
+    return GpuEnv("simt", pkg.driver, to_device, pkg.device)
 
 
 DEVICES = [
@@ -329,7 +305,9 @@ def test_ties_go_to_lower_index(gpu: GpuEnv) -> None:
     shapes = [(8, 8, 32), (4, 4, 64)]
     base = make_gallery(rng, shapes, 32, 8)
     order = [0, 5, 1, 5, 2, 2, 3, 5]  # copies of 5 at 1, 3, 7 and of 2 at 4, 5
-    g = FakeGallery(base.contract, base.pooled[order], [a[order] for a in base.levels])
+    g = InMemoryGallery.from_features(
+        base.contract, [a[order] for a in base.levels], base.pooled[order]
+    )
     # pooled exactly base image 5 (a three-way tie at distance 0); levels perturbed so the
     # map is not identically zero
     q = Features(
