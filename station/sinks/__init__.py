@@ -1,0 +1,38 @@
+"""Sinks: where verdicts go (``--sink SPEC``), one module per protocol, chosen from ``SINKS``.
+
+Each sink is a ``BufferedSink``: ``submit(result)`` never blocks the serving loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+
+from spade_edge.station.sinks.base import DEFAULT_BUFFER, BufferedSink
+from spade_edge.station.spec import parse_spec
+
+# kind -> (module, class, option keys); modules import their protocol library lazily.
+SINKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "mqtt": (
+        "spade_edge.station.sinks.mqtt",
+        "MqttSink",
+        ("buffer", "backoff_min", "backoff_max", "keepalive", "client_id", "ack_timeout"),
+    ),
+    "opcua": ("spade_edge.station.sinks.opcua", "OpcUaSink", ("buffer",)),
+    "webhook": (
+        "spade_edge.station.sinks.webhook",
+        "WebhookSink",
+        ("buffer", "retries", "backoff", "timeout"),
+    ),
+}
+
+
+def open_sink(text: str, station: str) -> BufferedSink:
+    """Build (not start) the sink a spec names; ``ConfigError`` naming the spec when it is bad."""
+    spec = parse_spec(text, {k: v[2] for k, v in SINKS.items()}, "sink")
+    module, cls, _ = SINKS[spec.kind]
+    factory: Callable[..., BufferedSink] = getattr(import_module(module), cls).from_spec
+    return factory(spec, station)
+
+
+__all__ = ["DEFAULT_BUFFER", "SINKS", "BufferedSink", "open_sink"]

@@ -1,0 +1,81 @@
+"""Parsing of ``--source`` / ``--sink`` specs: ``KIND:TARGET`` with optional ``?k=v&k=v`` options.
+
+Why one parser: every source and sink spec follows the same shape, and a bad spec must give one
+clear line naming the spec and what is wrong (an ``InputError``), never a traceback.
+Options go after the last ``?`` when every pair in it is ``key=value`` with a key the kind
+knows; an unknown key is an error, except in a camera/webhook URL, whose own query string it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from spade_edge.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parsed spec: ``kind`` (``watch``, ``mqtt``, ...), ``target`` and its options."""
+
+    text: str
+    kind: str
+    target: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        """A numeric option (``ConfigError`` naming the spec when it is not a number >= minimum)."""
+        raw = self.options.get(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{self.text}: option {key}={raw!r} is not a number") from None
+        if not value >= minimum or value != value or value == float("inf"):
+            raise ConfigError(f"{self.text}: option {key}={raw!r} must be a number >= {minimum}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        """An integer option (``ConfigError`` naming the spec when it is not an integer)."""
+        raw = self.options.get(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{self.text}: option {key}={raw!r} is not an integer") from None
+        if value < minimum:
+            raise ConfigError(f"{self.text}: option {key}={raw!r} must be >= {minimum}")
+        return value
+
+
+def parse_spec(text: str, kinds: dict[str, Iterable[str]], what: str) -> Spec:
+    """Split ``text`` into kind/target/options; ``kinds`` maps each kind to its option keys.
+
+    URL kinds (``mqtt://…``, ``opcua://…``) keep the whole URL as their target.
+    """
+    kind, sep, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in kinds:
+        known = ", ".join(f"{k}:…" for k in sorted(kinds))
+        raise ConfigError(f"{what} {text!r}: unknown kind (expected one of {known})")
+    target, options = rest, {}
+    head, q, tail = rest.rpartition("?")
+    if q:
+        pairs = parse_qsl(tail, keep_blank_values=True)
+        allowed = set(kinds[kind])
+        if pairs and "=" in tail and all(k in allowed for k, _ in pairs):
+            target, options = head, dict(pairs)
+        elif pairs and ("://" not in rest or kind in ("mqtt", "opcua")):
+            bad = sorted({k for k, _ in pairs} - allowed)
+            raise ConfigError(
+                f"{what} {text!r}: unknown option(s) {', '.join(bad)} "
+                f"(known: {', '.join(sorted(allowed)) or 'none'})"
+            )
+    if kind in ("mqtt", "opcua"):
+        target = f"{kind}:{target}"
+    if not target.strip():
+        raise ConfigError(f"{what} {text!r}: nothing after '{kind}:'")
+    return Spec(text=text, kind=kind, target=target, options=options)
