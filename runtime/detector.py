@@ -12,7 +12,9 @@ and one workspace each) are serialised by an internal lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,12 +168,23 @@ class Detector:
         )
 
     def _score_prepared(self, preps: list[Prepared]) -> list[Result]:
+        return self.score_prepared(preps)
+
+    def score_prepared(
+        self, preps: list[Prepared], timings: dict[str, float] | None = None
+    ) -> list[Result]:
+        """Score decoded images as one batch (for callers that decode and batch themselves,
+        like spade-serve). ``timings`` receives the seconds of ``infer`` and ``match``."""
         batch = np.stack([p.tensor for p in preps])
-        if self._lock is None:
-            scores = self.matcher.score(self.runner.infer(batch))
-        else:
-            with self._lock:
-                scores = self.matcher.score(self.runner.infer(batch))
+        with contextlib.nullcontext() if self._lock is None else self._lock:
+            t0 = time.perf_counter()
+            feats = self.runner.infer(batch)
+            t1 = time.perf_counter()
+            scores = self.matcher.score(feats)
+            t2 = time.perf_counter()
+        if timings is not None:
+            timings["infer"] = t1 - t0
+            timings["match"] = t2 - t1
         return [self._finish(p, s) for p, s in zip(preps, scores, strict=True)]
 
     def predict(self, image: Any) -> Result:

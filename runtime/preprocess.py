@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -55,18 +55,30 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"{p}: no such file")
     if not p.is_file():
         raise InputError(f"{p}: not a file")
+    return decode_image(p, str(p))
+
+
+def decode_image(
+    src: str | Path | BinaryIO, name: str, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Fully decode an image from a path or binary stream with the same bounds as files.
+
+    ``formats``: Pillow format names to accept (the content is sniffed, never a file name or
+    a declared type); others are refused. Every failure is an ImageDecodeError naming ``name``.
+    """
     try:
-        with Image.open(p) as im:
+        with Image.open(src, formats=formats) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ImageDecodeError(f"{p}: image too large ({im.width}x{im.height} pixels)")
+                raise ImageDecodeError(f"{name}: image too large ({im.width}x{im.height} pixels)")
             im.load()
             return ImageOps.exif_transpose(im) or im
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{p}: not an image Pillow can read") from None
+        what = f"a {', '.join(formats)} image" if formats else "an image Pillow can read"
+        raise ImageDecodeError(f"{name}: not {what}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"{p}: corrupt or truncated image ({e})") from None
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from None
 
 
 def to_rgb_float(im: Image.Image) -> tuple[Image.Image | None, np.ndarray | None]:
@@ -135,6 +147,15 @@ def preprocess(im: Image.Image, contract: Contract, source: str = "<image>") -> 
 def prepare_path(path: str | Path, contract: Contract) -> Prepared:
     """Decode + preprocess one file."""
     return preprocess(load_image(path), contract, str(path))
+
+
+def prepare_bytes(
+    data: bytes, contract: Contract, source: str, formats: tuple[str, ...] | None = None
+) -> Prepared:
+    """Decode + preprocess an image held in memory (an HTTP body), with the file path's bounds."""
+    import io
+
+    return preprocess(decode_image(io.BytesIO(data), source, formats), contract, source)
 
 
 def prepare_any(image: Any, contract: Contract, source: str = "<array>") -> Prepared:
