@@ -284,6 +284,8 @@ def create_app(
                 "status": "ready",
                 "gallery_version": svc.active.version,
                 "model": svc.model_fingerprint,
+                "in_flight": svc.in_flight,
+                "queue_depth": svc.queue_depth(),
             }
         )
 

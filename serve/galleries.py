@@ -166,20 +166,25 @@ class GalleryStore:
         return v
 
     # -- start-up --
-    def adopt(self, gallery: Path) -> Version:
-        """The version to serve at start: the recorded current one if ``gallery`` is the file
-        this archive was started with before, else ``gallery`` registered as a new version."""
+    def resume(self, gallery: Path) -> tuple[Version | None, str]:
+        """The recorded current version if ``gallery`` (by content) is the file this archive
+        was started with before (None otherwise), and the file's SHA-256."""
         try:
             sha = file_sha256(gallery)
         except OSError as e:
             raise InputError(f"{gallery}: cannot read gallery ({e.strerror or e})") from None
         cur = self.current()
-        if cur is not None:
-            origin = self._con.execute(
-                "SELECT value FROM meta WHERE key='gallery_origin_sha256'"
-            ).fetchone()
-            if origin is not None and origin["value"] == sha and cur.path.is_file():
-                return cur
+        origin = self._con.execute(
+            "SELECT value FROM meta WHERE key='gallery_origin_sha256'"
+        ).fetchone()
+        same = origin is not None and origin["value"] == sha
+        if cur is not None and same and cur.path.is_file():
+            return cur, sha
+        return None, sha
+
+    def adopt(self, gallery: Path, sha: str) -> Version:
+        """Register ``gallery`` (already validated by the caller) as the next, current version."""
+        cur = self.current()
         version = self._next_version()
         dst = self.folder / version_name(version)
         _link_or_copy(gallery, dst)

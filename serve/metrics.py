@@ -65,7 +65,7 @@ class _RecentScores(Collector):
 class Metrics:
     """All series of one service; ``render()`` is the /metrics body."""
 
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
@@ -90,6 +90,10 @@ class Metrics:
         )
         self.queue_depth = Gauge("spade_queue_depth", "Jobs waiting for the device", registry=r)
         self.queue_depth.set_function(lambda: float(queue_depth()))
+        self.in_flight = Gauge(
+            "spade_in_flight", "Inspections admitted and not answered yet", registry=r
+        )
+        self.in_flight.set_function(lambda: float(in_flight()))
         self.gallery_version = Gauge(
             "spade_gallery_version", "Gallery version being served", registry=r
         )

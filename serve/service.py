@@ -93,7 +93,7 @@ class InspectionService:
         self.config = config
         self.archive = Archive(config.archive, config.keep_images, config.image_budget_bytes)
         self.galleries = GalleryStore(self.archive.folder, self.archive.db_path)
-        self.metrics = Metrics(self.queue_depth)
+        self.metrics = Metrics(self.queue_depth, lambda: self._inflight)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="spade-decode")
         self._runner: Runner | None = None
@@ -110,10 +110,14 @@ class InspectionService:
         """Open model and the current gallery version, run one warm-up inference, start the
         worker. Blocking; typed errors for a bad model/gallery."""
         try:
-            v = self.galleries.adopt(Path(self.config.gallery))
+            origin = Path(self.config.gallery)
+            resumed, sha = self.galleries.resume(origin)
             self._runner = open_runner(self.config.model, self.config.backend)
             self.model_fingerprint = self._runner.fingerprint
-            det = self._detector(v)
+            # the start gallery is validated (and checked against the model) before it is
+            # recorded as a version: a bad file never becomes "current"
+            det = self._detector(resumed.path if resumed else origin)
+            v = resumed or self.galleries.adopt(origin, sha)
             warm = preprocess(
                 Image.new("RGB", (det.contract.image_size,) * 2, (128, 128, 128)),
                 det.contract,
@@ -137,16 +141,16 @@ class InspectionService:
         self.ready = True
         log.info("serving gallery v%d (%d images)", v.version, v.n_images)
 
-    def _detector(self, v: Version) -> Detector:
+    def _detector(self, path: Path) -> Detector:
         assert self._runner is not None
-        g = Gallery.open(v.path, verify=self.config.verify)
+        g = Gallery.open(path, verify=self.config.verify)
         try:
             check_pair(self._runner, g, str(self.config.model))
             k = self.config.k or g.default_k
             try:
                 m = open_matcher(g, self.config.matcher, k_image=k, k_gallery=k)
             except SpadeError as e:
-                raise type(e)(f"{v.path}: {e}") from None
+                raise type(e)(f"{path}: {e}") from None
         except BaseException:
             g.close()
             raise
@@ -178,6 +182,11 @@ class InspectionService:
             self._runner.close()
             self._runner = None
         self.galleries.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Inspections admitted and not answered yet (decoding, queued, on the device)."""
+        return self._inflight
 
     def queue_depth(self) -> int:
         return self._worker.depth() if self._worker is not None else 0
@@ -444,7 +453,7 @@ class InspectionService:
                 recalibrate,
             )
             try:
-                det = await asyncio.to_thread(self._detector, v)
+                det = await asyncio.to_thread(self._detector, v.path)
             except BaseException:
                 self.galleries.set_current(act.version)  # keep serving and recording the old
                 raise
@@ -467,7 +476,7 @@ class InspectionService:
         async with self._lock():
             v = self.galleries.get(version)
             if v.version != worker.active.version:
-                det = await asyncio.to_thread(self._detector, v)
+                det = await asyncio.to_thread(self._detector, v.path)
                 self.galleries.set_current(v.version)
                 worker.swap(Active(v.version, det))
                 self._set_gallery_metrics(v)
