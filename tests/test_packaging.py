@@ -15,6 +15,9 @@ LEAN_MODULES = [
     "spade_edge.runtime.runners.trt",
     "spade_edge.runtime.matchers.numpy_matcher",
     "spade_edge.runtime.matchers.cuda",
+    "spade_edge.runtime.matchers.exact_lowp",
+    "spade_edge.runtime.autoselect",
+    "spade_edge.runtime.cpu_features",
     "spade_edge.runtime.cli.run",
     "spade_edge.runtime.cli.pack",
     "spade_edge.runtime.cli.eval",
@@ -28,7 +31,8 @@ def test_runtime_never_imports_torch_or_gpu_stacks() -> None:
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in LEAN_MODULES)
-        + "heavy = [m for m in ('torch', 'tensorrt', 'pycuda', 'onnx') if m in sys.modules]\n"
+        + "heavy = ('torch', 'tensorrt', 'pycuda', 'onnx', 'openvino')\n"
+        + "heavy = [m for m in heavy if m in sys.modules]\n"
         + "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -39,8 +43,8 @@ def test_backend_tables_are_the_single_source() -> None:
     from spade_edge.runtime.matchers import MATCHERS
     from spade_edge.runtime.runners import RUNNERS
 
-    assert set(RUNNERS) == {"ort", "ort-gpu", "trt"}
-    assert set(MATCHERS) == {"numpy", "cuda"}
+    assert set(RUNNERS) == {"ort", "ort-gpu", "trt", "openvino", "openvino-bf16", "openvino-int8"}
+    assert set(MATCHERS) == {"numpy", "cuda", "exact-int8", "exact-bf16"}
     for table in (RUNNERS, MATCHERS):
         for target in table.values():
             module, _, attr = target.partition(":")

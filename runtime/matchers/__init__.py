@@ -11,11 +11,20 @@ from spade_edge.runtime.registry import load_backend
 MATCHERS: dict[str, str] = {
     "numpy": "spade_edge.runtime.matchers.numpy_matcher:NumpyMatcher",
     "cuda": "spade_edge.runtime.matchers.cuda:CudaMatcher",
+    "exact-int8": "spade_edge.runtime.matchers.exact_lowp:ExactInt8Matcher",
+    "exact-bf16": "spade_edge.runtime.matchers.exact_lowp:ExactBf16Matcher",
 }
 
 
 def open_matcher(gallery: GalleryArrays, backend: str = "numpy", **options: Any) -> Matcher:
-    """Build the matcher ``backend`` over ``gallery`` (K values etc. in ``options``)."""
+    """Build the matcher ``backend`` over ``gallery`` (K values etc. in ``options``).
+
+    ``auto`` picks the fastest exact matcher for this CPU (runtime/autoselect.py).
+    """
+    if backend == "auto":
+        from spade_edge.runtime.autoselect import select_matcher
+
+        backend = select_matcher()[0]
     cls = load_backend(MATCHERS, backend, "matcher")
     return cls(gallery, **options)
 

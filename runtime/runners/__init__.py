@@ -14,6 +14,9 @@ RUNNERS: dict[str, str] = {
     "ort": "spade_edge.runtime.runners.ort:OrtRunner",
     "ort-gpu": "spade_edge.runtime.runners.ort_gpu:OrtGpuRunner",
     "trt": "spade_edge.runtime.runners.trt:TrtRunner",
+    "openvino": "spade_edge.runtime.runners.openvino:OpenVinoRunner",
+    "openvino-bf16": "spade_edge.runtime.runners.openvino:OpenVinoBf16Runner",
+    "openvino-int8": "spade_edge.runtime.runners.openvino:OpenVinoInt8Runner",
 }
 
 #: file magic -> backend that ``auto`` picks for it. ONNX files (protobuf) have no magic.
