@@ -23,6 +23,7 @@ test-all:
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 fuzz:
 	$(BIN)/python -m pytest -q -m fuzz

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_edge.calibration.int8 import read_normal_images
 from spade_edge.calibration.lineage import (
     CHECK_QUERIES,
     CHECK_REFERENCE,
@@ -31,6 +32,7 @@ from spade_edge.calibration.lineage import (
 )
 from spade_edge.runtime.errors import ExportError, InputError
 from spade_edge.runtime.model_meta import read_model_info
+from spade_edge.runtime.runners.ort import OrtRunner
 
 #: Largest relative error (max|fp16 - fp32| / max|fp32| per output, seeded random batch)
 #: accepted at conversion: a guard against broken conversions (overflow, a mis-typed node),
@@ -54,8 +56,6 @@ def fp16_block_list(extra: Iterable[str] = ()) -> list[str]:
 
 def parity(parent: str | Path, derived: str | Path, x: np.ndarray) -> dict[str, float]:
     """Per-output relative error max|derived - parent| / max|parent| on batch ``x`` (ORT CPU)."""
-    from spade_edge.runtime.runners.ort import OrtRunner
-
     a, b = OrtRunner(parent), OrtRunner(derived)
     try:
         fa, fb = a.infer(x), b.infer(x)
@@ -152,8 +152,6 @@ def _check(
             "reason": "no normal images given for the accuracy check (check_dir)",
             "failed": ["not run"],
         }
-    from spade_edge.calibration.int8 import read_normal_images
-
     imgs = read_normal_images(check_dir, contract, CHECK_REFERENCE + CHECK_QUERIES, seed, "check")
     n_q = min(CHECK_QUERIES, len(imgs.paths) // 2)
     queries, reference = imgs.tensors[:n_q], imgs.tensors[n_q:]

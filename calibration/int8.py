@@ -51,6 +51,7 @@ from spade_edge.runtime.errors import (
     InputError,
 )
 from spade_edge.runtime.model_meta import ModelInfo, read_model_info
+from spade_edge.runtime.preprocess import list_images, prepare_path
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def read_normal_images(
     folder always gives the same model. Unreadable files are skipped with an
     ``UnreadableImageWarning`` and counted; the caller decides whether enough remain.
     """
-    from spade_edge.runtime.preprocess import list_images, prepare_path
-
     folder = Path(folder)
     try:
         paths = list_images([folder])

@@ -20,6 +20,7 @@ from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, min_sq_distances, nearest_images
 from spade_edge.runtime.preprocess import load_image, preprocess
+from spade_edge.runtime.runners.ort import OrtRunner
 from spade_edge.runtime.scoring import combine_levels
 
 
@@ -78,8 +79,6 @@ def bench_cpu(
     gemm_rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of stage medians (ms) per K for one model on the ORT CPU runner + NumPy matcher."""
-    from spade_edge.runtime.runners.ort import OrtRunner
-
     runner = OrtRunner(model)
     c = runner.contract
     gallery = random_gallery(c, max(n_gallery, max(ks)))

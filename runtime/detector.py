@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from spade_edge.runtime.errors import CompatibilityError, InputError, SpadeError
+from spade_edge.runtime.gallery import Gallery
 from spade_edge.runtime.matchers import open_matcher
 from spade_edge.runtime.matchers.base import Score
 from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_any, prepare_path
@@ -135,8 +136,6 @@ class Detector:
         runner_options: dict[str, Any] | None = None,
     ) -> Detector:
         """Open model and gallery, check they belong together, build the matcher."""
-        from spade_edge.runtime.gallery import Gallery
-
         g = Gallery.open(gallery, verify=verify)
         runner = open_runner(model, backend, **(runner_options or {}))
         try:

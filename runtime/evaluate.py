@@ -19,8 +19,10 @@ import numpy as np
 from PIL import Image
 
 from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError
 from spade_edge.runtime.metrics import aupro, image_auroc, pixel_auroc
+from spade_edge.runtime.packer import pack
 from spade_edge.runtime.preprocess import IMAGE_SUFFIXES, load_image, resized_size
 
 
@@ -93,15 +95,11 @@ def evaluate(
 
     ``progress(stage, total)`` returns a callable advanced once per image (or None).
     """
-    from spade_edge.runtime.detector import Detector
-
     train, items = scan_mvtec(data_dir)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="spade-eval-") as tmp:
         gpath = Path(gallery) if gallery else Path(tmp) / "gallery.bin"
         if gallery is None:
-            from spade_edge.runtime.packer import pack
-
             pack(model, train, gpath, batch_size=batch_size, backend=backend, progress=False)
         t_pack = time.perf_counter() - t0
         th_report: dict[str, Any] | None = None

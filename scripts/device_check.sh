@@ -6,7 +6,7 @@
 # folder .device/ made by scripts/prepare_device.sh (carried along). Steps:
 #   build  pycuda from .device/sdist (parallel compile, -O1), its deps from .device/wheels
 #   tests  tests/test_cuda_matcher.py (GPU + real bottle data) and tests/test_kernels_compile.py
-#   bench  python -m spade_edge.runtime.matchers.cuda_bench (wrn50 at K=5/50, Lite0)
+#   bench  spade bench --matcher cuda (wrn50 at K=5/50, Lite0)
 #   eval   spade-eval Lite0 on bottle with --matcher numpy and cuda; metrics must agree +-0.002
 #   sanitize  compute-sanitizer memcheck/racecheck/synccheck over scripts/cuda_sanitize_case.py
 #          (every fused-kernel variant, odd sizes, checked against NumPy); last, uses what is left
@@ -162,10 +162,10 @@ fi
 # ------------------------------------------------------------------ benchmark
 if has_step bench; then
     say "benchmark (wrn50 K=5/50 with the block-rows sweep, Lite0)"
-    run_for 150 $PY -m spade_edge.runtime.matchers.cuda_bench --backbone wrn50 --k 5 50 \
+    run_for 150 $PY -m spade_edge.cli.bench --matcher cuda --backbone wrn50 --k 5 --k 50 \
         --n-gallery 1000 --repeats 20 --sweep --json "$OUT/bench_wrn50.json"
     rc=$?
-    run_for 60 $PY -m spade_edge.runtime.matchers.cuda_bench --backbone lite0 --k 5 50 \
+    run_for 60 $PY -m spade_edge.cli.bench --matcher cuda --backbone lite0 --k 5 --k 50 \
         --n-gallery 1000 --repeats 20 --no-gemm --json "$OUT/bench_lite0.json"
     rc2=$?
     detail=$($PY - "$OUT/bench_wrn50.json" <<'EOF' 2>/dev/null
@@ -185,14 +185,14 @@ if has_step eval; then
     say "spade-eval Lite0 on bottle: numpy vs cuda matcher"
     model=$D/lite0.onnx
     data=$D/data/mvtec_ad/bottle
-    if [ ! -f "$ROOT/runtime/cli/eval.py" ]; then
-        note eval SKIP "runtime/cli/eval.py not present"
+    if [ ! -f "$ROOT/cli/eval.py" ]; then
+        note eval SKIP "cli/eval.py not present"
     elif [ ! -f "$model" ] || [ ! -d "$data" ]; then
         note eval SKIP "no $model or $data (run scripts/prepare_device.sh)"
     else
         ok=1
         for m in numpy cuda; do
-            run_for 150 $PY -c 'import sys; from spade_edge.runtime.cli.eval import main; sys.argv[0] = "spade-eval"; main()' \
+            run_for 150 $PY -c 'import sys; from spade_edge.cli.eval import main; sys.argv[0] = "spade-eval"; main()' \
                 "$model" "$data" --matcher "$m" --k 5 --far 0 --json "$OUT/eval_$m.json" || ok=0
         done
         if [ "$ok" = 1 ]; then

@@ -21,7 +21,7 @@ import simt_pycuda  # noqa: E402
 
 def main() -> None:
     simt_pycuda.install()
-    from spade_edge.runtime.cli.eval import main as eval_main
+    from spade_edge.cli.eval import main as eval_main
 
     sys.argv = ["spade-eval", *sys.argv[1:], "--matcher", "cuda"]
     eval_main()

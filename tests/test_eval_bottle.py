@@ -17,7 +17,7 @@ REFERENCE_K5 = {"image_auroc": 0.9937, "pixel_auroc": 0.9748, "aupro": 0.9386}
 def test_bottle_k5_matches_reference(lite0_onnx: Path, bottle_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from spade_edge.runtime.cli.eval import app
+    from spade_edge.cli.eval import app
 
     out = tmp_path / "report.json"
     r = CliRunner().invoke(

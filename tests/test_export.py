@@ -151,7 +151,7 @@ def test_bad_image_size_and_unwritable_folder(tmp_path):
 
 
 def _cli(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
-    from spade_edge.export.cli import main
+    from spade_edge.cli.export import main
 
     monkeypatch.setattr(sys, "argv", ["spade-export", *args])
     monkeypatch.chdir(cwd)  # default output names land in the test's folder

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spade_edge.runtime.cli import inspect as insp
+from spade_edge.cli import inspect as insp
 from spade_edge.runtime.container import write_container
 from spade_edge.runtime.errors import FormatError
 from spade_edge.runtime.gallery import write_gallery
@@ -104,20 +104,6 @@ def test_engine_uses_engine_module_describe(
     monkeypatch.setattr(ef, "describe", fake_describe)
     info = insp.inspect_file(p, verify=True)
     assert seen["args"] == (p, True) and info["tensorrt_version"] == "10.3"
-
-
-def test_engine_raw_manifest_without_describe(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import spade_edge.runtime.engine_file as ef
-
-    monkeypatch.delattr(ef, "describe")
-    p = tmp_path / "m.engine"
-    write_container(p, b"SPADEENG", 7, {"tensorrt": "10.3", "gpu": "Orin"}, {"plan": b"xyz"})
-    info = insp.inspect_file(p, verify=True)
-    assert info["manifest"] == {"tensorrt": "10.3", "gpu": "Orin"}
-    assert info["format_version"] == 7
-    assert info["blobs"]["plan"] == {"dtype": "|u1", "shape": [3], "nbytes": 3}
 
 
 def test_unknown_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]

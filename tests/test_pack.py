@@ -170,7 +170,7 @@ def test_add_to_gallery_of_another_model_refused(
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    from spade_edge.runtime.cli.pack import main
+    from spade_edge.cli.pack import main
 
     monkeypatch.setattr(sys, "argv", ["spade-pack", *args])
     try:

@@ -18,11 +18,13 @@ LEAN_MODULES = [
     "spade_edge.runtime.matchers.exact_lowp",
     "spade_edge.runtime.autoselect",
     "spade_edge.runtime.cpu_features",
-    "spade_edge.runtime.cli.run",
-    "spade_edge.runtime.cli.pack",
-    "spade_edge.runtime.cli.eval",
-    "spade_edge.runtime.cli.inspect",
-    "spade_edge.runtime.cli.bench",
+    "spade_edge.cli.run",
+    "spade_edge.cli.pack",
+    "spade_edge.cli.eval",
+    "spade_edge.cli.inspect",
+    "spade_edge.cli.bench",
+    "spade_edge.cli.threshold",
+    "spade_edge.cli.app",  # every command: `spade --help` loads no torch
     "spade_edge.calibration.thresholds",
 ]
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from spade_edge.runtime.cli.run import app as run_app
+from spade_edge.cli.run import app as run_app
 from spade_edge.runtime.detector import Detector, project_to_original
 from spade_edge.runtime.errors import CalibrationError, CompatibilityError, ConfigError
 from spade_edge.runtime.preprocess import Geometry
@@ -114,7 +114,7 @@ def test_run_clear_errors(packed: tuple[Path, Path], tmp_path: Path, args, needl
     if args == ["missing.png"]:
         args = [str(tmp_path / "missing.png")]
     proc = subprocess.run(
-        [sys.executable, "-m", "spade_edge.runtime.cli.run", str(model), str(g), *args],
+        [sys.executable, "-m", "spade_edge.cli.run", str(model), str(g), *args],
         capture_output=True,
         text=True,
     )

@@ -7,13 +7,12 @@ GEMM of the same shape, measured with CuPy here only, never in the runtime.
 The gallery is random data of the backbone's shapes: a small random block repeated to N images,
 so a 1,000-image wrn50 gallery (2.8 GB) costs no host-side generation time.
 
-Run: ``python -m spade_edge.runtime.matchers.cuda_bench [--k 50] [--n-gallery 1000]``.
+Run: ``spade bench --matcher cuda [--k 50] [--n-gallery 1000] [--sweep]`` (the command lives in
+spade_edge.cli.bench; this module is the library part).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.contract import Contract, Level, resize_for
+from spade_edge.runtime.errors import CompatibilityError
+from spade_edge.runtime.matchers.cuda import CudaMatcher, _import_pycuda
 from spade_edge.runtime.runners.base import Features
 
 WRN50: dict[str, Any] = {
@@ -156,9 +157,6 @@ def bench_cuda_matcher(
     ``block_rows`` sweeps the fused kernel's query rows per CTA (None = the automatic choice);
     variants that do not fit the GPU's shared memory are skipped.
     """
-    from spade_edge.runtime.errors import CompatibilityError
-    from spade_edge.runtime.matchers.cuda import CudaMatcher, _import_pycuda
-
     drv = _import_pycuda()
     ks = [k] if isinstance(k, int) else list(k)
     gal = _RandomGallery(backbone_shapes, n_gallery)
@@ -213,58 +211,3 @@ def bench_cuda_matcher(
                 drv.Context.pop()
             m.close()
     return rows
-
-
-def run_default(ks: Sequence[int] = (5, 50), repeats: int = 5) -> list[dict[str, Any]]:
-    """What ``spade-bench --matcher cuda`` shows: wrn50 and Lite0, 1,000 gallery images."""
-    rows = []
-    for shapes in (WRN50, LITE0):
-        rows += bench_cuda_matcher(shapes, k=list(ks), n_gallery=1000, repeats=repeats)
-    return rows
-
-
-def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    keys = list(dict.fromkeys(key for r in rows for key in r))
-    t = Table(title="CUDA matcher (median device ms per stage)")
-    t.add_column("stage")
-    for r in rows:
-        t.add_column(f"{r['backbone']} K={r['k']} BM={r['block_rows']}", justify="right")
-    for key in keys:
-        if key in ("backbone", "k", "block_rows"):
-            continue
-        t.add_row(key, *[str(r.get(key, "")) for r in rows])
-    Console(width=max(100, 24 + 22 * len(rows))).print(t)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backbone", choices=sorted(BACKBONES), default="wrn50")
-    ap.add_argument("--k", type=int, nargs="+", default=[5, 50])
-    ap.add_argument("--n-gallery", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--no-gemm", action="store_true")
-    ap.add_argument(
-        "--sweep", action="store_true", help="also time every fused-kernel block-rows variant"
-    )
-    ap.add_argument("--json", help="write the rows here")
-    a = ap.parse_args(argv)
-    variants: list[int | None] = [None, 128, 64, 32, 16] if a.sweep else [None]
-    rows = bench_cuda_matcher(
-        BACKBONES[a.backbone],
-        k=a.k,
-        n_gallery=a.n_gallery,
-        repeats=a.repeats,
-        gemm=not a.no_gemm,
-        block_rows=variants,
-    )
-    print_table(rows)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,19 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.runtime.cli._common import make_main
-from spade_edge.runtime.container import (
-    ANY_VERSION,
-    describe_foreign,
-    peek_magic,
-    read_container,
-)
+from spade_edge.cli._common import make_main
+from spade_edge.runtime import engine_file
+from spade_edge.runtime.container import describe_foreign, peek_magic
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
+from spade_edge.runtime.gallery import Gallery, describe
+from spade_edge.runtime.model_meta import read_model_info
 
 
 def inspect_gallery(path: Path, verify: bool) -> dict[str, Any]:
-    from spade_edge.runtime.gallery import Gallery, describe
-
     with Gallery.open(path, verify=verify) as g:
         info = describe(g)
         src = g.sources
@@ -39,34 +35,13 @@ def inspect_gallery(path: Path, verify: bool) -> dict[str, Any]:
 
 
 def inspect_engine(path: Path, verify: bool) -> dict[str, Any]:
-    """Use the engine module's own describe() when it is there, else show the raw manifest."""
-    try:
-        from spade_edge.runtime import engine_file
-    except ImportError:
-        engine_file = None  # type: ignore[assignment]
-    describe = getattr(engine_file, "describe", None)
-    if describe is not None:
-        info = dict(describe(path, verify=verify))
-        info.setdefault("verified", verify)
-        return info
-    with read_container(path, b"SPADEENG", ANY_VERSION, verify=verify) as c:
-        return {
-            "kind": "engine",
-            "path": str(path),
-            "format_version": c.version,
-            "file_bytes": c.file_size,
-            "verified": verify,
-            "manifest": c.manifest,
-            "blobs": {
-                n: {"dtype": b.dtype, "shape": list(b.shape), "nbytes": b.nbytes}
-                for n, b in c.blob_info.items()
-            },
-        }
+    """The engine module's own summary of the file (manifest, blobs, checksums if asked)."""
+    info = dict(engine_file.describe(path, verify=verify))
+    info.setdefault("verified", verify)
+    return info
 
 
 def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
-    from spade_edge.runtime.model_meta import read_model_info
-
     mi = read_model_info(path)
     c = mi.contract
     other: dict[str, Any] = {}
@@ -90,7 +65,7 @@ def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
     }
     if verify:
         try:
-            import onnx
+            import onnx  # optional heavy dependency ([export] extra), only for --verify
         except ImportError:
             raise BackendUnavailableError(
                 f"{path}: --verify on an ONNX model needs the onnx package "

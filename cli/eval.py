@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.runtime.cli._common import (
+from spade_edge.cli._common import (
     BackendOpt,
     KGalleryOpt,
     KImageOpt,
@@ -20,6 +20,7 @@ from spade_edge.runtime.cli._common import (
     make_main,
     resolve_k,
 )
+from spade_edge.runtime.evaluate import evaluate
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -45,8 +46,6 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Reproduce the SPADE protocol's numbers on real data."""
-    from spade_edge.runtime.evaluate import evaluate
-
     ki, kg = resolve_k(k, k_image, k_gallery)
     report = evaluate(
         model,

@@ -7,37 +7,36 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.runtime.cli._common import atomic_write_text, make_main
+from spade_edge.cli._common import atomic_write_text, make_main
+from spade_edge.export.demo import make_part
+from spade_edge.export.onnx_export import export_onnx
+from spade_edge.runtime.bench import bench_cpu, gemm_gflops
 from spade_edge.runtime.errors import BackendUnavailableError
+from spade_edge.runtime.matchers import cuda_bench
 
 app = typer.Typer(add_completion=False)
-BOTTLE = Path("../shared/data/mvtec_ad/bottle/test/broken_large/000.png")
 
 
 def _export(backbone: str, folder: Path) -> Path:
+    out = folder / f"{backbone}.onnx"
+    weights = "imagenet" if backbone.startswith("efficientnet") else "random"
     try:
-        from spade_edge.export.onnx_export import export_onnx
-    except ImportError:
+        export_onnx(backbone, out, weights=weights)
+    except ImportError:  # torch is an extra; the lean install times given models only
         raise BackendUnavailableError(
             "spade-bench exports its models with torch: pip install 'spade-edge[export]' "
             "or pass --model FILE"
         ) from None
-    out = folder / f"{backbone}.onnx"
-    weights = "imagenet" if backbone.startswith("efficientnet") else "random"
-    export_onnx(backbone, out, weights=weights)
     return out
 
 
 def _synthetic_image(folder: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    from spade_edge.export.demo import make_part
-
     p = folder / "part.png"
     Image.fromarray(make_part(np.random.default_rng(0), defect=True)).save(p)
     return p
@@ -50,38 +49,56 @@ def bench(
         typer.Option(help="ONNX model(s); default: export wrn50 (random) and Lite0."),
     ] = None,
     image: Annotated[
-        Path | None, typer.Option(help="Image to time (default: a bottle image).")
+        Path | None, typer.Option(help="Image to time (default: a synthetic part image).")
     ] = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="K values (default 5 and 50).")] = None,
-    n_gallery: Annotated[int, typer.Option(help="Gallery size (random features).")] = 64,
+    n_gallery: Annotated[
+        int | None,
+        typer.Option(help="Gallery size (random features); default 64 (CPU), 1000 (CUDA)."),
+    ] = None,
     repeats: Annotated[int, typer.Option(min=1)] = 5,
     matcher: Annotated[
         str, typer.Option(help="numpy (CPU pipeline) or cuda (device times).")
     ] = "numpy",
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(help="CUDA: backbone shapes to time (wrn50, efficientnet_lite0)."),
+    ] = None,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="CUDA: also time every fused-kernel block-rows variant.")
+    ] = False,
+    gemm: Annotated[
+        bool, typer.Option("--gemm/--no-gemm", help="CUDA: compare with a cuBLAS GEMM (CuPy).")
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / GEMM rate."""
     ks = tuple(k or (5, 50))
     con = Console(width=max(120, Console().width))
     if matcher == "cuda":
-        try:
-            from spade_edge.runtime.matchers import cuda_bench
-        except ImportError as e:
-            raise BackendUnavailableError(f"CUDA benchmark unavailable here: {e}") from None
-        rows = cuda_bench.run_default(ks=ks, repeats=repeats)
+        shapes = [cuda_bench.BACKBONES[b] for b in (backbone or ["wrn50", "efficientnet_lite0"])]
+        variants: list[int | None] = [None, 128, 64, 32, 16] if sweep else [None]
+        rows = []
+        for s in shapes:
+            rows += cuda_bench.bench_cuda_matcher(
+                s,
+                k=list(ks),
+                n_gallery=n_gallery or 1000,
+                repeats=repeats,
+                gemm=gemm,
+                block_rows=variants,
+            )
     else:
-        from spade_edge.runtime.bench import bench_cpu, gemm_gflops
-
         with tempfile.TemporaryDirectory(prefix="spade-bench-") as tmp:
             models = list(model or [])
             if not models:
                 models = [_export(b, Path(tmp)) for b in ("wrn50", "efficientnet_lite0")]
-            img = image or (BOTTLE if BOTTLE.is_file() else _synthetic_image(Path(tmp)))
+            img = image or _synthetic_image(Path(tmp))
             rate = gemm_gflops()
             rows = []
             for m in models:
                 rows += bench_cpu(
-                    m, img, ks=ks, n_gallery=n_gallery, repeats=repeats, gemm_rate=rate
+                    m, img, ks=ks, n_gallery=n_gallery or 64, repeats=repeats, gemm_rate=rate
                 )
     if rows:
         keys = list(dict.fromkeys(key for r in rows for key in r))

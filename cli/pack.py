@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.runtime.cli._common import make_main, warn
+from spade_edge.calibration.thresholds import MIN_IMAGES, calibrate_gallery
+from spade_edge.cli._common import make_main, warn
+from spade_edge.cli._common import progress as progress_bar
+from spade_edge.runtime.packer import pack
 
 app = typer.Typer(
     add_completion=False,
@@ -63,8 +66,6 @@ def pack_command(
     ] = 0.01,
 ) -> None:
     """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
-    from spade_edge.runtime.packer import pack
-
     # the CLI prints the skips itself; keep the library's log records from printing twice
     logging.getLogger("spade_edge.runtime.packer").addHandler(logging.NullHandler())
     r = pack(
@@ -97,9 +98,6 @@ def pack_command(
     if verify:
         t.add_row("verified", "all SHA-256 checksums match")
     if far > 0:
-        from spade_edge.calibration.thresholds import MIN_IMAGES, calibrate_gallery
-        from spade_edge.runtime.cli._common import progress as progress_bar
-
         if r.n_images < MIN_IMAGES:
             warn(f"{output}: {r.n_images} images; thresholds need >= {MIN_IMAGES} (none stored)")
         else:

