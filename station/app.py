@@ -136,8 +136,13 @@ class Station:
         }
 
     # -- life cycle ------------------------------------------------------------------------------
-    async def start(self, service: Any) -> None:
-        """Seed counters, subscribe the page and sinks, start sinks, then sources."""
+    async def start(self, app: Any) -> None:
+        """Seed counters, subscribe the page and sinks, start sinks, then sources.
+
+        ``app``: the FastAPI app (its ``state.service``) or an ``InspectionService`` itself.
+        """
+        state = getattr(app, "state", None)
+        service = getattr(state, "service", None) or app
         archive = getattr(service, "archive", None)
         if archive is not None:
             counts = await asyncio.to_thread(archive.counts)
