@@ -11,11 +11,9 @@ before its outputs listen) and stop after them (queued verdicts are delivered on
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from spade_edge.station.events import EventHub
@@ -23,20 +21,6 @@ from spade_edge.station.sinks import BufferedSink, open_sink
 from spade_edge.station.sources import open_source
 from spade_edge.station.sources.base import log
 
-STATIC = Path(__file__).resolve().parent / "static"
-_STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(?:js|css|svg|png|ico)$")
-_MEDIA = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-    ".ico": "image/x-icon",
-}
-#: The page loads nothing from elsewhere and runs no inline script (line PCs are offline).
-CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-)
 SEED_ROWS = 20_000  # recent rows read at start for the last-hour counters
 
 
@@ -65,50 +49,9 @@ class Station:
     # -- HTTP ------------------------------------------------------------------------------------
     def routers(self) -> list[Any]:
         """FastAPI routers: ``/``, ``/static/NAME``, ``/v1/events``, ``/v1/station``."""
-        from fastapi import APIRouter, HTTPException, Request
-        from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+        from spade_edge.station.routes import station_router
 
-        r = APIRouter()
-        hub = self.hub
-
-        @r.get("/", include_in_schema=False)
-        def page() -> FileResponse:
-            return FileResponse(
-                STATIC / "index.html",
-                media_type="text/html; charset=utf-8",
-                headers={
-                    "Content-Security-Policy": CSP,
-                    "Cache-Control": "no-cache",
-                    "X-Content-Type-Options": "nosniff",
-                },
-            )
-
-        @r.get("/static/{name}", include_in_schema=False)
-        def static(name: str) -> FileResponse:
-            path = STATIC / name
-            if not _STATIC_NAME.match(name) or not path.is_file():
-                raise HTTPException(404, f"no static file {name!r}")
-            return FileResponse(
-                path,
-                media_type=_MEDIA[path.suffix],
-                headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
-            )
-
-        @r.get("/v1/events", tags=["station"])
-        async def events(request: Request) -> StreamingResponse:
-            """Server-Sent Events: one ``result`` event per archived verdict."""
-            return StreamingResponse(
-                hub.stream(request.is_disconnected),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-
-        @r.get("/v1/station", tags=["station"])
-        def summary() -> JSONResponse:
-            """Counters (totals, last hour), station name, sources and sinks with their state."""
-            return JSONResponse(self.summary())
-
-        return [r]
+        return [station_router(self)]
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/station`` answers."""
@@ -148,6 +91,7 @@ class Station:
             counts = await asyncio.to_thread(archive.counts)
             recent = await asyncio.to_thread(archive.query, None, SEED_ROWS)
             self.hub.seed(counts["results"], counts["anomalous"], recent)
+        self.hub.bind(asyncio.get_running_loop())
         self._unsubscribe.append(service.add_listener(self.hub.publish))
         for sink in self.sinks:
             await asyncio.to_thread(sink.start)
@@ -191,14 +135,13 @@ class Station:
         connections to finish (an event stream never finishes by itself)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             prev = signal.getsignal(sig)
             if not callable(prev):  # default/ignored: leave the process's behaviour alone
                 continue
 
             def handler(signum: int, frame: Any, prev: Any = prev) -> None:
-                loop.call_soon_threadsafe(self.hub.close)
+                self.hub.close_threadsafe()
                 prev(signum, frame)
 
             signal.signal(sig, handler)

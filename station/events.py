@@ -42,6 +42,7 @@ class EventHub:
         self.parts = 0
         self.rejects = 0
         self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- counters ------------------------------------------------------------------------------
     def seed(self, parts: int, rejects: int, recent: list[dict[str, Any]]) -> None:
@@ -85,6 +86,16 @@ class EventHub:
             if q.full():
                 q.get_nowait()
             q.put_nowait(_CLOSE)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remember the serving loop, so ``close_threadsafe`` works from other threads."""
+        self._loop = loop
+
+    def close_threadsafe(self) -> None:
+        """``close`` from any thread (signal handlers, tests stopping the server)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.close)
 
     @property
     def subscribers(self) -> int:

@@ -45,7 +45,9 @@ function timeOf(r) {
 }
 
 function clock(ms) {
-  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return new Date(ms).toLocaleTimeString([], {
+    hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false,
+  });
 }
 
 async function api(path, opts = {}) {
@@ -155,9 +157,11 @@ function drawPlot() {
   const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
   const pts = state.points;
   const thr = state.threshold;
-  let ymax = thr != null ? thr * 1.5 : 1;
-  for (const p of pts) if (p.score > ymax) ymax = p.score;
-  ymax *= 1.05;
+  // Scale to the bulk of the scores (95th percentile) and the threshold, so drift near the
+  // threshold stays visible; a few huge rejects are drawn as triangles at the top edge.
+  const sorted = pts.map((p) => p.score).sort((a, b) => a - b);
+  const p95 = sorted.length ? sorted[Math.floor(0.95 * (sorted.length - 1))] : 0;
+  const ymax = Math.max(thr != null ? thr * 2 : 0, p95 * 1.15, 1e-6);
   const t1 = pts.length ? pts[pts.length - 1].t : Date.now();
   const t0 = pts.length > 1 ? pts[0].t : t1 - 60000;
   const span = Math.max(1000, t1 - t0);
@@ -185,7 +189,14 @@ function drawPlot() {
   }
   for (const p of pts) {
     g.fillStyle = p.anomalous === true ? col("--nok") : p.anomalous === false ? col("--ok") : col("--muted");
-    g.beginPath(); g.arc(X(p.t), Y(p.score), 3.5, 0, 2 * Math.PI); g.fill();
+    const x = X(p.t);
+    g.beginPath();
+    if (p.score > ymax) { // off the scale: a triangle pointing up at the top edge
+      g.moveTo(x, pad.t); g.lineTo(x - 5, pad.t + 8); g.lineTo(x + 5, pad.t + 8); g.closePath();
+    } else {
+      g.arc(x, Y(p.score), 3.5, 0, 2 * Math.PI);
+    }
+    g.fill();
   }
   $("plot-thr").textContent = thr == null ? "(none)" : fmt(thr);
 }
@@ -210,13 +221,15 @@ async function loadGallery() {
     const tr = el("tr");
     if (v.version === g.current) tr.className = "current";
     const thr = v.thresholds && typeof v.thresholds === "object" ? v.thresholds.image ?? v.thresholds.threshold : null;
-    tr.append(el("td", null, `v${v.version}${v.version === g.current ? " (serving)" : ""}`),
+    tr.append(el("td", null, `v${v.version}${v.version === g.current ? " ✓" : ""}`),
       el("td", null, v.n_images), el("td", null, fmt(thr)),
-      el("td", null, v.created ? clock(Date.parse(v.created)) : "–"));
+      el("td", null, v.created ? clock(Date.parse(v.created)).slice(0, 5) : "–"));
     const td = el("td");
     if (v.version !== g.current) {
-      const b = el("button", "small", `Roll back to v${v.version}`);
+      const b = el("button", "small", `Use v${v.version}`);
       b.type = "button";
+      b.setAttribute("aria-label", `Roll back to gallery v${v.version}`);
+      b.title = `Roll back to gallery v${v.version}`;
       b.addEventListener("click", () => rollback(v.version, b));
       td.append(b);
     }
@@ -293,7 +306,7 @@ function openReview(r) {
   dlRow(dl, "Map max / pixel threshold", `${fmt(r.map_max)} / ${fmt(r.pixel_threshold)}`);
   dlRow(dl, "Defect area", r.defect_fraction == null ? "–" : `${fmt(100 * r.defect_fraction, 2)} %`);
   dlRow(dl, "Regions", String((r.regions || []).length));
-  dlRow(dl, "Time", r.time ? new Date(timeOf(r)).toLocaleString() : "–");
+  dlRow(dl, "Time", r.time ? new Date(timeOf(r)).toLocaleString([], { hour12: false }) : "–");
   dlRow(dl, "Result id", String(r.id));
   dlRow(dl, "Source", [r.source, r.station].filter(Boolean).join(" · ") || "–");
   dlRow(dl, "Gallery version", r.gallery_version == null ? "–" : `v${r.gallery_version}`);
