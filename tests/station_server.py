@@ -31,18 +31,22 @@ def station_server(
     """Yield (base URL, Station); the server is stopped (and joined) on exit."""
     import httpx
     import uvicorn
+    from station_helpers import free_port
 
     from spade_edge.serve import ServeConfig, create_app
     from spade_edge.station.app import Station
-    from station_helpers import free_port
 
     st = Station(sources, sinks, station=station)
-    cfg = ServeConfig(model=model, gallery=gallery, archive=archive, token=TOKEN,
-                      station=station, **config)
+    cfg = ServeConfig(
+        model=model, gallery=gallery, archive=archive, token=TOKEN, station=station, **config
+    )
     app = create_app(cfg, extra_routers=st.routers(), on_start=[st.start], on_stop=[st.stop])
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
+    )
     thread = threading.Thread(target=server.run, name="spade-serve-test", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -67,8 +67,13 @@ class Page:
 
 
 def post(url: str, arr: Any, part_id: str) -> dict[str, Any]:
-    r = httpx.post(f"{url}/v1/inspect", params={"part_id": part_id}, content=png_bytes(arr),
-                   headers={"Content-Type": "image/png"}, timeout=30)
+    r = httpx.post(
+        f"{url}/v1/inspect",
+        params={"part_id": part_id},
+        content=png_bytes(arr),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -155,8 +160,12 @@ def test_rollback_from_gallery_panel_and_screenshots(server: str, browser: Any) 
         post(server, normal_array(20 + i), f"part-{i:03d}")
     last = post(server, defect_array(), "part-006")
     v0 = gallery_version(server)
-    add = httpx.post(f"{server}/v1/gallery/normal", json={"ids": [last["id"] - 1]},
-                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    add = httpx.post(
+        f"{server}/v1/gallery/normal",
+        json={"ids": [last["id"] - 1]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
     assert add.status_code == 200, add.text
     p = Page(browser, server, DESKTOP)
     page = p.page
