@@ -20,7 +20,7 @@ from spade_edge.calibration.lineage import graph_fingerprint, read_lineage
 from spade_edge.runtime.errors import CalibrationError, ConfigError, FormatError, InputError
 from spade_edge.runtime.model_meta import read_model_info
 from spade_edge.runtime.preprocess import prepare_path
-from spade_edge.runtime.runners.ort import OrtRunner
+from spade_edge.runtime.runners.ort import OrtRunner, int8_dot_saturates
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
@@ -100,6 +100,46 @@ def test_int8_runs_close_to_fp32(tiny_onnx: Path, calib_dir: Path, tmp_path: Pat
     m = onnx.load(str(dst))
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) == rep.quantized_nodes > 0
     assert any(n.op_type == "QLinearConv" or n.op_type == "Conv" for n in m.graph.node)
+
+
+def _qdq_as_written(model: Path, x: np.ndarray) -> list[np.ndarray]:
+    """Features with no graph rewrites at all: every Q/DQ node evaluated as written."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    c = read_model_info(model).contract
+    outs = sess.run(c.output_names, {c.input_name: x})
+    return [*outs[:-1], outs[-1].reshape(len(x), -1)]
+
+
+def test_ort_runner_int8_kernels(tiny_onnx: Path, calib_dir: Path, tmp_path: Path):
+    """qdq_fusion=False is exact Q/DQ arithmetic; the default fuses only where the CPU's int8
+    dot product does not saturate (docs/precision.md, "CPUs without VNNI")."""
+    dst = tmp_path / "tiny.int8.onnx"
+    quantize_int8(tiny_onnx, dst, calib_dir, num_images=12)
+    x = _held_out(tmp_path, read_model_info(tiny_onnx).contract, 3)
+    fp32, written = _features(tiny_onnx, x), _qdq_as_written(dst, x)
+
+    def run(**kw: object) -> tuple[bool, list[np.ndarray]]:
+        r = OrtRunner(dst, **kw)
+        try:
+            f = r.infer(x)
+            return r.qdq_fusion, [*f.levels, f.pooled]
+        finally:
+            r.close()
+
+    fused_flag, exact = run(qdq_fusion=False)
+    assert fused_flag is False
+    for e, w, r in zip(exact, written, fp32, strict=True):
+        np.testing.assert_allclose(e, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+        assert _cosines(e, r).min() >= TINY_MIN_COSINE
+    auto_flag, auto = run()
+    assert auto_flag is (not int8_dot_saturates())
+    want = run(qdq_fusion=True)[1] if auto_flag else exact
+    for a, w in zip(auto, want, strict=True):
+        np.testing.assert_array_equal(a, w)
 
 
 def test_trt_target_follows_tensorrt_qdq_rules(tiny_onnx: Path, calib_dir: Path, tmp_path: Path):

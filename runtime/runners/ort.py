@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spade_edge.runtime.cpu_features import cpu_units
 from spade_edge.runtime.errors import FormatError, InputError
 from spade_edge.runtime.model_meta import contract_from_metadata
 from spade_edge.runtime.runners.base import Features
+
+log = logging.getLogger(__name__)
+
+
+def int8_dot_saturates() -> bool:
+    """True on x86 CPUs where ONNX Runtime's fused int8 kernels can saturate.
+
+    Without VNNI/AMX, ORT computes u8 x s8 products with VPMADDUBSW, whose int16 pair sums
+    saturate (ORT's quantization docs). Measured on an AVX2-only EPYC: INT8 Lite0 features fall
+    to cosine 0.79 against fp32 (0.98 with exact Q/DQ arithmetic), so int8 models run unfused
+    there (see ``OrtRunner``'s ``qdq_fusion``). Other architectures: False.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not cpu_units().int8
 
 
 class OrtRunner:
@@ -25,8 +43,12 @@ class OrtRunner:
         providers: list[Any] | None = None,
         threads: int | None = None,
         max_batch: int | None = None,
+        qdq_fusion: bool | None = None,
         **_: Any,
     ) -> None:
+        """``qdq_fusion``: let ORT fuse Q/DQ pairs into its int8 kernels (fast); False runs
+        every Q/DQ node as written with float ops between (exact Q/DQ arithmetic, as TensorRT
+        computes it). None: fuse unless this CPU's int8 dot product saturates."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -38,6 +60,9 @@ class OrtRunner:
         # ORT's pool threads otherwise spin after each run, stealing the cores the matcher's
         # GEMM needs right after inference (measured: +95 ms per wrn50 image on 2 cores)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.qdq_fusion = not int8_dot_saturates() if qdq_fusion is None else bool(qdq_fusion)
+        if not self.qdq_fusion:  # no effect on fp32/fp16 graphs
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         n = threads or int(os.environ.get("SPADE_ORT_THREADS", "0") or 0)
         if n:
             so.intra_op_num_threads = n
@@ -52,6 +77,12 @@ class OrtRunner:
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.metadata = meta
         self.contract, self.fingerprint = contract_from_metadata(meta, str(self.path))
+        if self.contract.precision == "int8" and not self.qdq_fusion and qdq_fusion is None:
+            log.warning(
+                "%s: this CPU has no VNNI/AMX int8 dot product, so ONNX Runtime's fused int8 "
+                "kernels would saturate; running the Q/DQ graph unfused (exact, slower)",
+                self.path,
+            )
         self.max_batch = max_batch
         self.providers = self.session.get_providers()
         self._outputs = self.contract.output_names
