@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from spade_edge.cli import bench, demo, eval, export, inspect, pack, run, threshold
+from spade_edge.cli import bench, demo, eval, export, inspect, pack, run, threshold, triton
 from spade_edge.cli._common import make_main
 
 #: subcommand name -> (function, one-line help). Order is the order `spade --help` shows.
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str]] = {
     "eval": (eval.evaluate_cmd, "Image AUROC, pixel AUROC and AUPRO on MVTec-layout data."),
     "bench": (bench.bench, "Per-stage latency vs the hardware floor, or CUDA device times."),
     "inspect": (inspect.inspect_command, "Show the header of a model, gallery or engine file."),
+    "triton": (triton.triton, "Write a Triton Inference Server model repository version."),
     "demo": (demo.demo, "The whole product offline on synthetic parts, in about a minute."),
 }
 

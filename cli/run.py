@@ -43,7 +43,13 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 @app.command()
 def run(
-    model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Exported ONNX model or TensorRT engine file; with --triton the model's name "
+            "on the server (spade_backbone)."
+        ),
+    ],
     gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     k: KOpt = None,
@@ -66,6 +72,13 @@ def run(
     matcher: MatcherOpt = "numpy",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 1,
     verify: Annotated[bool, typer.Option(help="Verify the gallery's blob checksums.")] = False,
+    triton: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the backbone on a Triton server: HOST:PORT (gRPC), grpc:// or http://. "
+            "Matching runs here against GALLERY."
+        ),
+    ] = None,
 ) -> None:
     """Score images against normal parts: score, verdict and anomaly map per image."""
     paths = list_images(images)
@@ -75,6 +88,11 @@ def run(
         except OSError as e:
             raise InputError(f"{out}: cannot create output folder: {e.strerror or e}") from None
     ki, kg = resolve_k(k, k_image, k_gallery)
+    runner_options = None
+    if triton is not None:
+        if backend not in ("auto", "triton"):
+            raise InputError(f"--triton runs the backbone remotely; drop --backend {backend}")
+        backend, runner_options = "triton", {"url": triton}
     det = Detector.load(
         model,
         gallery,
@@ -85,6 +103,7 @@ def run(
         threshold=threshold,
         pixel_threshold=pixel_threshold,
         verify=verify,
+        runner_options=runner_options,
     )
     if det.thresholds_stale:
         warn(

@@ -134,8 +134,11 @@ class Detector:
         pixel_threshold: float | None = None,
         verify: bool = False,
         runner_options: dict[str, Any] | None = None,
+        matcher_options: dict[str, Any] | None = None,
     ) -> Detector:
-        """Open model and gallery, check they belong together, build the matcher."""
+        """Open model and gallery, check they belong together, build the matcher.
+
+        ``runner_options``/``matcher_options`` go to the backends (e.g. ``device`` for a GPU)."""
         g = Gallery.open(gallery, verify=verify)
         runner = open_runner(model, backend, **(runner_options or {}))
         try:
@@ -143,7 +146,9 @@ class Detector:
             k_i = k_image if k_image is not None else g.default_k
             k_g = k_gallery if k_gallery is not None else g.default_k
             try:
-                m = open_matcher(g, matcher, k_image=k_i, k_gallery=k_g, sigma=sigma)
+                m = open_matcher(
+                    g, matcher, k_image=k_i, k_gallery=k_g, sigma=sigma, **(matcher_options or {})
+                )
             except SpadeError as e:
                 raise type(e)(f"{g.path}: {e}") from None
         except Exception:

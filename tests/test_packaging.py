@@ -45,7 +45,15 @@ def test_backend_tables_are_the_single_source() -> None:
     from spade_edge.runtime.matchers import MATCHERS
     from spade_edge.runtime.runners import RUNNERS
 
-    assert set(RUNNERS) == {"ort", "ort-gpu", "trt", "openvino", "openvino-bf16", "openvino-int8"}
+    assert set(RUNNERS) == {
+        "ort",
+        "ort-gpu",
+        "trt",
+        "openvino",
+        "openvino-bf16",
+        "openvino-int8",
+        "triton",
+    }
     assert set(MATCHERS) == {"numpy", "cuda", "exact-int8", "exact-bf16"}
     for table in (RUNNERS, MATCHERS):
         for target in table.values():

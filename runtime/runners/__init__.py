@@ -17,6 +17,7 @@ RUNNERS: dict[str, str] = {
     "openvino": "spade_edge.runtime.runners.openvino:OpenVinoRunner",
     "openvino-bf16": "spade_edge.runtime.runners.openvino:OpenVinoBf16Runner",
     "openvino-int8": "spade_edge.runtime.runners.openvino:OpenVinoInt8Runner",
+    "triton": "spade_edge.runtime.runners.triton:TritonRunner",
 }
 
 #: file magic -> backend that ``auto`` picks for it. ONNX files (protobuf) have no magic.

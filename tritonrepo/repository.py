@@ -1,0 +1,367 @@
+"""Write a Triton model repository for a spade-edge model and gallery (``spade-triton``).
+
+Layout (docs/triton.md)::
+
+    REPO/spade/config.pbtxt              Python backend, batching, instances, I/O
+    REPO/spade/<v>/model.py              spade_edge.triton.model
+    REPO/spade/<v>/spade.json            what this version runs (files, backends, K)
+    REPO/spade/<v>/model.onnx|.engine    the model, copied
+    REPO/spade/<v>/gallery.bin           the gallery, copied: a gallery version is a model version
+    REPO/spade/<v>/site/spade_edge/...   the spade_edge code it was written with (optional)
+    REPO/spade_backbone/...              the same model returning features (``triton`` runner)
+
+Each call writes the next version (or ``version``); a version folder appears complete or not
+at all (written beside it, then renamed), so a server under ``--model-control-mode=explicit``
+loads it with ``POST /v2/repository/models/spade/load`` while the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.errors import CompatibilityError, InputError
+from spade_edge.runtime.fileio import write_atomic
+from spade_edge.runtime.runners import auto_backend
+
+MODEL = "spade"
+BACKBONE = "spade_backbone"
+MANIFEST = "spade.json"
+KINDS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    """What ``spade-triton`` sets; the defaults suit one CPU instance."""
+
+    instances: int = 1
+    kind: str = "cpu"  # cpu: ONNX Runtime + NumPy; gpu: TensorRT (or ORT-GPU) + CUDA matcher
+    gpus: tuple[int, ...] = ()
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    k_image: int | None = None
+    k_gallery: int | None = None
+    matcher: str | None = None  # default: numpy on CPU, cuda on GPU
+    engine: Path | None = None  # TensorRT engine for KIND_GPU instances
+    backbone: bool = True  # also write spade_backbone (the triton runner's model)
+    bundle: bool = True  # copy spade_edge's code into each version (site/)
+    version: int | None = None
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.instances < 1:
+            raise InputError(f"--instances must be >= 1, got {self.instances}")
+        if self.max_batch_size < 1:
+            raise InputError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise InputError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
+        if self.gpus and self.kind != "gpu":
+            raise InputError("--gpus needs --kind gpu")
+        if self.version is not None and self.version < 1:
+            raise InputError(f"--version must be >= 1, got {self.version}")
+
+
+@dataclass(frozen=True)
+class WrittenVersion:
+    repository: Path
+    version: int
+    folder: Path
+    backbone_version: int | None
+
+
+def _pb_str(s: str) -> str:
+    """A protobuf text-format string literal (JSON escapes are valid C escapes for it)."""
+    return json.dumps(s)
+
+
+def _instance_group(o: RepoOptions) -> str:
+    kind = "KIND_GPU" if o.kind == "gpu" else "KIND_CPU"
+    gpus = f" gpus: [ {', '.join(map(str, o.gpus))} ]" if o.gpus else ""
+    return f"instance_group [ {{ count: {o.instances} kind: {kind}{gpus} }} ]"
+
+
+def _config(
+    name: str,
+    inputs: Sequence[tuple[str, str, Sequence[int]]],
+    outputs: Sequence[tuple[str, str, Sequence[int]]],
+    o: RepoOptions,
+    parameters: dict[str, str],
+) -> str:
+    def tensors(ts: Sequence[tuple[str, str, Sequence[int]]]) -> str:
+        return ",\n".join(
+            f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(map(str, d))} ] }}'
+            for n, t, d in ts
+        )
+
+    params = "\n".join(
+        f"parameters {{ key: {_pb_str(k)} value: {{ string_value: {_pb_str(v)} }} }}"
+        for k, v in parameters.items()
+    )
+    return (
+        f"# written by spade-triton; see docs/triton.md\n"
+        f'name: "{name}"\n'
+        f'backend: "python"\n'
+        f"max_batch_size: {o.max_batch_size}\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {o.max_queue_delay_us} }}\n"
+        f"input [\n{tensors(inputs)}\n]\n"
+        f"output [\n{tensors(outputs)}\n]\n"
+        f"{_instance_group(o)}\n"
+        f"version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
+        f"{params}\n"
+    )
+
+
+def spade_config(contract: Contract, o: RepoOptions) -> str:
+    """config.pbtxt of the ``spade`` model (encoded image in, score/verdict/map out)."""
+    s = contract.image_size
+    return _config(
+        MODEL,
+        [("IMAGE", "TYPE_STRING", [1])],
+        [
+            ("SCORE", "TYPE_FP32", [1]),
+            ("ANOMALOUS", "TYPE_INT8", [1]),
+            ("ANOMALY_MAP", "TYPE_FP32", [s, s]),
+        ],
+        o,
+        {"spade_contract": contract.to_json()},
+    )
+
+
+def backbone_config(contract: Contract, fingerprint: str, o: RepoOptions) -> str:
+    """config.pbtxt of ``spade_backbone``: the model's own I/O names, contract in parameters."""
+    s = contract.image_size
+    outs = [(lv.name, "TYPE_FP32", [lv.height, lv.width, lv.channels]) for lv in contract.levels]
+    outs.append((contract.pooled_name, "TYPE_FP32", [contract.pooled_dim]))
+    return _config(
+        BACKBONE,
+        [(contract.input_name, "TYPE_FP32", [3, s, s])],
+        outs,
+        o,
+        {"spade_contract": contract.to_json(), "spade_fingerprint": fingerprint},
+    )
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Numeric version folders of a model, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _referenced_packages(runtime_dir: Path) -> set[str]:
+    found = {"runtime"}
+    for f in runtime_dir.rglob("*.py"):
+        found.update(re.findall(r"spade_edge\.(\w+)", f.read_text(errors="replace")))
+    return found
+
+
+def bundle_site(dest: Path) -> list[str]:
+    """Copy the spade_edge packages the runtime needs into ``dest/spade_edge`` (pure Python).
+
+    Why: Triton's stub imports spade_edge from the version folder, so a version always runs
+    the code it was written and tested with, whatever is installed in the stub's Python.
+    """
+    import spade_edge.runtime as rt
+
+    root = Path(rt.__file__).resolve().parent
+    names = []
+    for name in sorted(_referenced_packages(root)):
+        if name == "triton":
+            continue
+        try:
+            mod = __import__(f"spade_edge.{name}", fromlist=["__file__"])
+        except ImportError:
+            continue
+        src = Path(getattr(mod, "__file__", "") or "").parent
+        if not (src / "__init__.py").is_file():
+            continue
+        shutil.copytree(
+            src,
+            dest / "spade_edge" / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "cli"),
+        )
+        names.append(name)
+    return names
+
+
+def _copy(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        raise InputError(f"{src}: cannot copy into the repository: {e.strerror or e}") from None
+
+
+def _sides(model: Path, o: RepoOptions) -> tuple[dict[str, str], dict[str, str]]:
+    is_engine = auto_backend(model) == "trt"
+    cpu = {"backend": "ort", "matcher": o.matcher or "numpy"}
+    if o.engine is not None or is_engine:
+        gpu = {"backend": "trt", "matcher": o.matcher or "cuda"}
+    else:
+        gpu = {"backend": "ort-gpu", "matcher": o.matcher or "cuda"}
+    return cpu, gpu
+
+
+def _check_pair(model: Path, gallery: Path, o: RepoOptions) -> tuple[Contract, str, dict[str, Any]]:
+    """Open model + gallery as the server will (ORT), so a mismatch fails here, not at load."""
+    from spade_edge.runtime.detector import Detector
+
+    with Detector.load(
+        model, gallery, backend="ort", k_image=o.k_image, k_gallery=o.k_gallery
+    ) as det:
+        g = det.gallery
+        info = {
+            "gallery_images": int(g.n_images),
+            "k_image": int(det.matcher.k_image),
+            "k_gallery": int(det.matcher.k_gallery),
+            "threshold": det.threshold,
+            "pixel_threshold": det.pixel_threshold,
+        }
+        return det.contract, det.runner.fingerprint, info
+
+
+def write_repository(
+    model: str | Path, gallery: str | Path, repository: str | Path, options: RepoOptions
+) -> WrittenVersion:
+    """Add one version (model + gallery) to ``repository``; create it when missing."""
+    options.check()
+    model, gallery, repo = Path(model), Path(gallery), Path(repository)
+    for p in (model, gallery, *([options.engine] if options.engine else [])):
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    if auto_backend(model) == "trt":
+        raise InputError(
+            f"{model}: give the ONNX model (CPU instances and the pairing check run it) and "
+            "the engine built from it with --engine"
+        )
+    if options.kind == "cpu" and options.engine is not None:
+        raise InputError("--engine is for --kind gpu (TensorRT instances)")
+    contract, fingerprint, info = _check_pair(model, gallery, options)
+    if options.engine is not None:
+        _check_engine(options.engine, fingerprint)
+    cpu, gpu = _sides(model, options)
+    model_dir = repo / MODEL
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{repo}: cannot create the repository: {e.strerror or e}") from None
+    have = versions(model_dir)
+    v = options.version if options.version is not None else (have[-1] + 1 if have else 1)
+    if (model_dir / str(v)).exists():
+        raise InputError(f"{model_dir / str(v)}: version {v} exists; versions are immutable")
+    manifest: dict[str, Any] = {
+        "role": MODEL,
+        "model": "model.onnx",
+        "gallery": "gallery.bin",
+        "cpu": cpu,
+        "gpu": gpu,
+        "fingerprint": fingerprint,
+        "source_model": str(model.resolve()),
+        "source_gallery": str(gallery.resolve()),
+        "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **info,
+    }
+    files = {"model.onnx": model, "gallery.bin": gallery}
+    if options.engine is not None:
+        files["model.engine"] = options.engine
+        manifest["gpu_model"] = "model.engine"
+    _write_version(model_dir, v, manifest, files, options.bundle)
+    write_atomic(model_dir / "config.pbtxt", spade_config(contract, options).encode())
+    bb_v = _write_backbone(repo, model, contract, fingerprint, options, cpu, gpu)
+    return WrittenVersion(repo, v, model_dir / str(v), bb_v)
+
+
+def _write_backbone(
+    repo: Path,
+    model: Path,
+    contract: Contract,
+    fingerprint: str,
+    o: RepoOptions,
+    cpu: dict[str, str],
+    gpu: dict[str, str],
+) -> int | None:
+    """A new backbone version only when the model changed (galleries do not concern it)."""
+    if not o.backbone:
+        return None
+    bb_dir = repo / BACKBONE
+    bb_dir.mkdir(parents=True, exist_ok=True)
+    have = versions(bb_dir)
+    config = backbone_config(contract, fingerprint, o).encode()
+    if have:
+        try:
+            last = json.loads((bb_dir / str(have[-1]) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            last = {}
+        if last.get("fingerprint") == fingerprint:
+            write_atomic(bb_dir / "config.pbtxt", config)
+            return have[-1]
+    v = have[-1] + 1 if have else 1
+    manifest = {
+        "role": BACKBONE,
+        "model": "model.onnx",
+        "cpu": {"backend": cpu["backend"]},
+        "gpu": {"backend": gpu["backend"]},
+        "fingerprint": fingerprint,
+    }
+    files = {"model.onnx": model}
+    if o.engine is not None:
+        files["model.engine"] = o.engine
+        manifest["gpu_model"] = "model.engine"
+    _write_version(bb_dir, v, manifest, files, o.bundle)
+    write_atomic(bb_dir / "config.pbtxt", config)
+    return v
+
+
+def _write_version(
+    model_dir: Path, v: int, manifest: dict[str, Any], files: dict[str, Path], bundle: bool
+) -> Path:
+    final = model_dir / str(v)
+    tmp = model_dir / f".tmp-{v}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, src in files.items():
+            _copy(src, tmp / name)
+        shutil.copyfile(Path(__file__).with_name("model.py"), tmp / "model.py")
+        if bundle:
+            manifest["site"] = bundle_site(tmp / "site")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check_engine(engine: Path, fingerprint: str) -> None:
+    """The engine must come from this ONNX model or a precision derived from it (fp16/int8);
+    whether the gallery may be reused with a derived engine is decided at load (check_pair)."""
+    from spade_edge.runtime.engine_file import read_engine_file
+
+    ef = read_engine_file(engine)
+    if fingerprint not in (ef.fingerprint, ef.parent_fingerprint):
+        raise CompatibilityError(
+            f"{engine}: engine built from another model (fingerprint {ef.fingerprint[:12]}, "
+            f"the ONNX model is {fingerprint[:12]})"
+        )
+
+
+__all__ = [
+    "BACKBONE",
+    "MODEL",
+    "RepoOptions",
+    "WrittenVersion",
+    "backbone_config",
+    "bundle_site",
+    "spade_config",
+    "versions",
+    "write_repository",
+]
