@@ -99,6 +99,7 @@ class InspectionService:
         self._runner: Runner | None = None
         self._worker: InferenceWorker | None = None
         self._inflight = 0
+        self._decoding = 0  # admitted requests not yet queued for the device
         self._stopping = False
         self._gallery_lock: asyncio.Lock | None = None
         self.ready = False
@@ -136,6 +137,7 @@ class InspectionService:
             max_wait_s=self.config.max_wait_ms / 1000.0,
             queue_size=self.config.queue,
             on_batch=self.metrics.batch_size.observe,
+            more_coming=lambda: self._decoding > 0,
         )
         self._set_gallery_metrics(v)
         self.ready = True
@@ -280,9 +282,13 @@ class InspectionService:
         t0 = time.perf_counter()
         name = origin.source_file or "request body"
         contract = worker.active.detector.contract
-        prep = await loop.run_in_executor(
-            self._pool, prepare_bytes, data, contract, name, ACCEPTED_FORMATS
-        )
+        self._decoding += 1
+        try:
+            prep = await loop.run_in_executor(
+                self._pool, prepare_bytes, data, contract, name, ACCEPTED_FORMATS
+            )
+        finally:
+            self._decoding -= 1
         t_decoded = time.perf_counter()
         scored: Scored = await self._device(
             worker, prep, "score", self.config.timeout_s - (t_decoded - t0)

@@ -2,7 +2,8 @@
 
 The worker thread is the only user of the runner and matcher (GPU backends are one stream), so
 the model needs no locks. A batch starts with the first waiting job and takes whatever else
-arrives within ``max_wait`` seconds, up to ``max_batch`` (and the runner's own limit). The
+arrives within ``max_wait`` seconds, up to ``max_batch`` (and the runner's own limit); it does
+not wait when the queue is empty and ``more_coming()`` says no request is being decoded. The
 gallery (matcher + thresholds) is read once per batch from ``active``: swapping in a new
 version is a reference assignment, the batch in progress finishes on the old one, and the old
 one is closed by this thread at the start of the next batch. Nothing in flight is dropped.
@@ -72,6 +73,7 @@ class InferenceWorker:
         max_wait_s: float = 0.005,
         queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        more_coming: Callable[[], bool] | None = None,
     ) -> None:
         self.active = active
         runner_max = getattr(active.detector.runner, "max_batch", None)
@@ -82,6 +84,7 @@ class InferenceWorker:
         self._lock = threading.Lock()
         self._carry: Job | None = None
         self._on_batch = on_batch
+        self._more_coming = more_coming or (lambda: True)
         self._thread = threading.Thread(target=self._run, name="spade-infer", daemon=True)
         self._stopping = False
         self._stop_seen = False
@@ -136,10 +139,15 @@ class InferenceWorker:
         batch = [first]
         deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
-            try:
-                job = self._next(deadline - time.perf_counter())
-            except queue.Empty:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
                 break
+            if self._queue.empty() and self._carry is None and not self._more_coming():
+                break  # nobody else is on the way: waiting would only add latency
+            try:
+                job = self._next(min(remaining, 0.002))
+            except queue.Empty:
+                continue
             if job is None:
                 self._stop_seen = True
                 break
