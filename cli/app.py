@@ -11,7 +11,18 @@ from typing import Any
 
 import typer
 
-from spade_edge.cli import bench, demo, eval, export, inspect, pack, run, threshold, triton
+from spade_edge.cli import (
+    bench,
+    demo,
+    eval,
+    export,
+    inspect,
+    pack,
+    run,
+    serve,
+    threshold,
+    triton,
+)
 from spade_edge.cli._common import make_main
 
 #: subcommand name -> (function, one-line help). Order is the order `spade --help` shows.
@@ -24,6 +35,8 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str]] = {
     "bench": (bench.bench, "Per-stage latency vs the hardware floor, or CUDA device times."),
     "inspect": (inspect.inspect_command, "Show the header of a model, gallery or engine file."),
     "triton": (triton.triton, "Write a Triton Inference Server model repository version."),
+    "serve": (serve.serve, "The always-on inspection service: HTTP API, archive, live gallery."),
+    "export-results": (serve.export_results, "Write a spade-serve archive's results as CSV."),
     "demo": (demo.demo, "The whole product offline on synthetic parts, in about a minute."),
 }
 
