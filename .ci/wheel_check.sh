@@ -25,7 +25,7 @@ kernels = [p.name for p in (files("spade_edge.runtime") / "matchers" / "kernels"
 assert any(k.endswith(".cu") for k in kernels), kernels
 print("wheel ok:", spade_edge.runtime.__file__, "kernels:", sorted(kernels))
 PY
-for s in spade spade-run spade-pack spade-threshold spade-inspect spade-eval spade-bench spade-export spade-demo; do
+for s in spade spade-run spade-pack spade-threshold spade-inspect spade-eval spade-bench spade-export spade-demo spade-serve; do
   "$tmp/venv/bin/$s" --help >/dev/null
 done
 echo "wheel check passed"

@@ -110,27 +110,42 @@ def test_http_roundtrip_and_kill9_loses_no_acknowledged_result(artifacts, tmp_pa
 def test_sigterm_finishes_in_flight_requests_and_exits_0(artifacts, tmp_path: Path) -> None:
     model, gallery = artifacts
     archive = tmp_path / "archive"
-    # a long batch window keeps requests in flight when SIGTERM arrives
-    opts = ("--max-wait-ms", "3000", "--max-batch", "64")
-    with server_process(model, gallery, archive, *opts) as (proc, url):
-        with ThreadPoolExecutor(6) as pool:
-            futs = [
-                pool.submit(_inspect, url, png_bytes(normal_array(i)), f"t{i}") for i in range(6)
-            ]
+    answered: list[int] = []
+    errors: list[str] = []
+    with server_process(model, gallery, archive) as (proc, url):
+        stop = time.monotonic() + 30
+
+        def client(k: int) -> None:
+            for i in range(200):  # a new connection per request: no idle keep-alive to lose
+                if time.monotonic() > stop:
+                    return
+                try:
+                    r = _inspect(url, png_bytes(normal_array(k * 1000 + i)), f"t{k}-{i}")
+                except httpx.ConnectError:
+                    return  # refused: the server had stopped accepting (never acknowledged)
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
+                answered.append(r.status_code)
+
+        with ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(client, k) for k in range(4)]
             deadline = time.monotonic() + 30
-            while httpx.get(f"{url}/readyz", timeout=5).json()["in_flight"] < 6:
-                assert time.monotonic() < deadline, "requests never reached the server"
-                time.sleep(0.02)
+            while (
+                len(answered) < 8 or httpx.get(f"{url}/readyz", timeout=5).json()["in_flight"] < 1
+            ):
+                assert time.monotonic() < deadline, "no request in flight"
             proc.send_signal(signal.SIGTERM)
-            codes = [f.result(timeout=60).status_code for f in futs]
+            for f in futs:
+                f.result(timeout=60)
         assert proc.wait(timeout=60) == 0
-        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    assert codes == [200] * 6, (codes, out)
-    # every answered request is in the archive
+    # nothing accepted was dropped: every answer is a 200 and is in the archive
+    assert not errors, errors
+    assert answered and set(answered) == {200}
     import sqlite3
 
     with sqlite3.connect(archive / "archive.sqlite") as con:
-        assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 6
+        assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == len(answered)
 
 
 def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
