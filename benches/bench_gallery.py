@@ -78,6 +78,7 @@ def bench_pack(
                 backend="ort",
                 progress=False,
                 workers=workers,
+                far=0,  # packing speed only (thresholds: spade-threshold)
             )
             dt = time.perf_counter() - t0
             reports.append((dt, rep))

@@ -46,7 +46,7 @@ def main() -> None:
         if gallery is None:
             gallery = Path(tmp) / "g.bin"
             train = sorted((DATA / "train" / "good").glob("*.png"))[:50]
-            pack(args.model, train, gallery, progress=False)
+            pack(args.model, train, gallery, progress=False, far=0)
         with Detector.load(args.model, gallery) as det:
             t0 = time.perf_counter()
             print(f"{'calls':>8} {'rss MB':>8} {'ms/call':>8}")

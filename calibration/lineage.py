@@ -1,4 +1,4 @@
-"""Lineage of derived (fp16 / INT8) models, and the rule for reusing the parent's galleries.
+"""Lineage of derived (fp16 / INT8) models: the accuracy check and the record that carries it.
 
 Why: a gallery holds features computed by one exact model (its fingerprint). An fp16 or INT8
 model derived from that fp32 model computes *almost* the same features, so re-packing the
@@ -9,32 +9,31 @@ model therefore carries a lineage record in its ONNX metadata (``spade_edge.line
      "precision": "fp16"|"int8", "check": {...accuracy check on held-out normal images...},
      "tolerances": {...}, "passed": bool, "gallery_compatible": bool, "tool": {...}}
 
-A gallery packed with the parent is accepted by the derived model only when that record says
-so (see :func:`gallery_accepts`); otherwise the user is told to repack with the derived model.
-
-This module is imported by the runtime (``Detector``), so it imports neither onnx nor torch at
-module level; the accuracy check loads ONNX Runtime lazily.
+This module measures and writes that record. Reading it and deciding whether a gallery may be
+used is the runtime's job (runtime/compat.py, the one place for that rule). Neither onnx nor
+torch is imported at module level; the accuracy check loads ONNX Runtime lazily.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spade_edge.runtime.compat import (
+    METADATA_LINEAGE_KEY,
+    Lineage,
+    read_lineage,
+    same_features,
+)
 from spade_edge.runtime.contract import METADATA_CONTRACT_KEY, METADATA_FINGERPRINT_KEY, Contract
-from spade_edge.runtime.errors import CompatibilityError, FormatError
+from spade_edge.runtime.errors import FormatError
 from spade_edge.runtime.fileio import write_atomic
 from spade_edge.runtime.gallery import InMemoryGallery
-from spade_edge.runtime.model_meta import ModelInfo, read_model_info
-
-METADATA_LINEAGE_KEY = "spade_edge.lineage"
-LINEAGE_VERSION = 1
-DERIVED_PRECISIONS = ("fp16", "int8")
+from spade_edge.runtime.model_meta import ModelInfo, graph_fingerprint
 
 #: Held-out normal images scored in the accuracy check (queries) and parent-model features
 #: forming the check's mini gallery (reference). Fewer than the minimum -> check not run.
@@ -43,10 +42,6 @@ CHECK_REFERENCE = 16
 MIN_CHECK_QUERIES = 4
 MIN_CHECK_REFERENCE = 4
 CHECK_K = 5
-
-#: Contract fields that may differ between a model and the gallery it reads (everything else
-#: -- preprocessing, levels, shapes -- must be identical for features to be comparable).
-_DERIVED_FIELDS = ("precision", "parent_fingerprint", "extra")
 
 
 @dataclass(frozen=True)
@@ -77,165 +72,6 @@ DEFAULT_TOLERANCES: dict[str, Tolerances] = {
     "fp16": GALLERY_REUSE_TOLERANCES,
     "int8": GALLERY_REUSE_TOLERANCES,
 }
-
-
-@dataclass
-class Lineage:
-    """The ``spade_edge.lineage`` metadata record of a derived model."""
-
-    parent_fingerprint: str
-    fingerprint: str
-    precision: str
-    check: dict[str, Any]
-    tolerances: dict[str, float]
-    passed: bool
-    gallery_compatible: bool
-    tool: dict[str, Any] = field(default_factory=dict)
-    version: int = LINEAGE_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "model") -> Lineage:
-        """Parse and type-check; every problem is a FormatError naming ``source``."""
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(f"{source}: lineage record is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise FormatError(f"{source}: lineage record is not a JSON object")
-        if d.get("version") != LINEAGE_VERSION:
-            raise FormatError(
-                f"{source}: lineage version {d.get('version')!r} is not supported "
-                f"(this spade-edge reads version {LINEAGE_VERSION})"
-            )
-        want = {
-            "parent_fingerprint": str,
-            "fingerprint": str,
-            "precision": str,
-            "check": dict,
-            "tolerances": dict,
-            "passed": bool,
-            "gallery_compatible": bool,
-            "tool": dict,
-        }
-        for key, typ in want.items():
-            if not isinstance(d.get(key), typ):
-                raise FormatError(f"{source}: lineage field {key!r} missing or not {typ.__name__}")
-        for key in ("parent_fingerprint", "fingerprint"):
-            if not _is_fingerprint(d[key]):
-                raise FormatError(f"{source}: lineage field {key!r} is not a SHA-256 hex digest")
-        return cls(**{k: d[k] for k in (*want, "version")})
-
-
-def _is_fingerprint(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-
-def read_lineage(metadata: Mapping[str, str], source: str = "model") -> Lineage | None:
-    """The lineage record of a model's metadata, None when it has none."""
-    text = metadata.get(METADATA_LINEAGE_KEY)
-    return None if text is None else Lineage.from_json(text, source)
-
-
-# ----------------------------------------------------------------------- the acceptance rule
-
-
-def same_features(a: Contract, b: Contract) -> bool:
-    """True when two contracts describe the same preprocessing and output tensors.
-
-    Precision, parent fingerprint and free-form ``extra`` may differ; nothing else.
-    """
-    blank = dict.fromkeys(_DERIVED_FIELDS)
-    blank["extra"] = {}
-    return replace(a, **blank) == replace(b, **blank)  # type: ignore[arg-type]
-
-
-def gallery_decision(
-    gallery_fingerprint: str, model_contract: Contract, model_metadata: Mapping[str, str]
-) -> tuple[bool, str]:
-    """(accepted, reason). The one place the reuse rule lives (docs/precision.md)."""
-    fp = model_metadata.get(METADATA_FINGERPRINT_KEY)
-    if fp is not None and fp == gallery_fingerprint:
-        return True, "same model"
-    if model_contract.precision not in DERIVED_PRECISIONS:
-        return False, f"the model is a different {model_contract.precision} model"
-    if model_contract.parent_fingerprint != gallery_fingerprint:
-        return False, (
-            f"the model is derived from {str(model_contract.parent_fingerprint)[:16]}…, "
-            f"not from the gallery's model"
-        )
-    try:
-        lin = read_lineage(model_metadata)
-    except FormatError as e:
-        return False, f"its lineage record is unreadable ({e})"
-    if lin is None:
-        return False, "it carries no lineage record (spade_edge.lineage)"
-    if lin.parent_fingerprint != gallery_fingerprint:
-        return False, "its lineage names another parent model"
-    if lin.precision != model_contract.precision:
-        return False, (
-            f"its lineage is for {lin.precision}, the contract says {model_contract.precision}"
-        )
-    if fp is None or lin.fingerprint != fp:
-        return False, "its lineage record belongs to another graph (model edited after conversion)"
-    if not lin.passed:
-        failed = ", ".join(lin.check.get("failed", [])) or lin.check.get("reason", "not run")
-        return False, f"its accuracy check on held-out normal images did not pass ({failed})"
-    if not lin.gallery_compatible:
-        return False, "its lineage does not declare it gallery-compatible"
-    return True, "derived model whose accuracy check passed"
-
-
-def gallery_accepts(
-    gallery_fingerprint: str, model_contract: Contract, model_metadata: Mapping[str, str]
-) -> bool:
-    """May a model use a gallery packed with ``gallery_fingerprint``?
-
-    Yes for the packing model itself; for an fp16/INT8 model derived from it only when its
-    lineage record names that parent, is bound to this graph, and says the accuracy check
-    passed and the model is gallery-compatible. This is the ``allow_derived`` value for
-    ``Gallery.check_model``.
-    """
-    return gallery_decision(gallery_fingerprint, model_contract, model_metadata)[0]
-
-
-def check_gallery_for_model(gallery: Any, model: str | Path | ModelInfo) -> bool:
-    """Raise CompatibilityError (telling the user to repack) unless the gallery may be used.
-
-    ``gallery``: anything with ``fingerprint``, ``contract`` and ``path`` (e.g. ``Gallery``).
-    ``model``: an ONNX path or a ``ModelInfo``. Returns True when the model is a derived one
-    reusing its parent's gallery, False when it is the packing model itself.
-    """
-    info = model if isinstance(model, ModelInfo) else read_model_info(model)
-    source = str(info.path)
-    repack = (
-        f"repack the gallery with this model: `spade-pack {source} NORMAL_IMAGES... -o NEW.bin`"
-    )
-    if not same_features(gallery.contract, info.contract):
-        raise CompatibilityError(
-            f"gallery {gallery.path}: its features ({gallery.contract.backbone}, "
-            f"{gallery.contract.image_size}px) do not match model {source} "
-            f"({info.contract.backbone}, {info.contract.image_size}px); {repack}"
-        )
-    ok, reason = gallery_decision(gallery.fingerprint, info.contract, info.metadata)
-    if not ok:
-        raise CompatibilityError(
-            f"gallery {gallery.path} was packed with model {gallery.fingerprint[:16]}…, "
-            f"and {source} ({info.contract.precision}, {info.fingerprint[:16]}…) may not reuse "
-            f"it: {reason}; {repack}"
-        )
-    derived = info.fingerprint != gallery.fingerprint
-    check = getattr(gallery, "check_model", None)
-    if callable(check):  # keep the gallery's own check in the loop (same rule, its message)
-        check(
-            info.fingerprint,
-            source,
-            parent_fingerprint=info.contract.parent_fingerprint,
-            allow_derived=derived,
-        )
-    return derived
 
 
 # ----------------------------------------------------------------------- the accuracy check
@@ -369,13 +205,6 @@ def accuracy_check(
 # --------------------------------------------------------------- stamping and atomic writing
 
 
-def graph_fingerprint(model: Any) -> str:
-    """The export rule (SHA-256 of the deterministic graph serialisation)."""
-    from spade_edge.export.onnx_export import graph_fingerprint as _fp
-
-    return _fp(model)
-
-
 def stamp_derived(
     model: Any, parent: ModelInfo, precision: str, extra: Mapping[str, Any] | None = None
 ) -> tuple[Contract, str]:
@@ -453,11 +282,9 @@ __all__ = [
     "Lineage",
     "Tolerances",
     "accuracy_check",
-    "check_gallery_for_model",
-    "gallery_accepts",
-    "gallery_decision",
+    "graph_fingerprint",
+    "make_lineage",
     "read_lineage",
-    "same_features",
     "save_model_atomic",
     "spade_scores",
     "stamp_derived",

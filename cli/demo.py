@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from spade_edge.calibration.thresholds import calibrate_gallery
 from spade_edge.cli._common import make_main
 from spade_edge.export.demo import write_samples
 from spade_edge.export.onnx_export import export_onnx
@@ -43,8 +42,8 @@ def demo(
     con.print(f"[bold]2/4[/] generate {n_normal} normal parts and 2 test parts")
     train, good, bad = write_samples(out / "samples", n_normal)
     con.print("[bold]3/4[/] pack the gallery and calibrate thresholds on normal parts only")
-    pack(model, sorted(train.iterdir()), gallery, progress=False)
-    th = calibrate_gallery(gallery)
+    th = pack(model, sorted(train.iterdir()), gallery, progress=False).thresholds
+    assert th is not None  # n_normal >= 10: the packer stores thresholds
     con.print(f"     image threshold {th['image']:.3f}, pixel threshold {th['pixel']:.3f}")
     con.print("[bold]4/4[/] score the test parts")
     with Detector.load(model, gallery) as det:

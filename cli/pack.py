@@ -10,9 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.calibration.thresholds import MIN_IMAGES, calibrate_gallery
 from spade_edge.cli._common import make_main, warn
-from spade_edge.cli._common import progress as progress_bar
+from spade_edge.runtime.fileio import display_name
 from spade_edge.runtime.packer import pack
 
 app = typer.Typer(
@@ -57,13 +56,14 @@ def pack_command(
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = True,
     far: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--far",
             help="Store thresholds at this false-alarm rate on the normal images "
-            "(leave-one-out, needs >= 10 images; 0 = none). See spade-threshold.",
+            "(leave-one-out, needs >= 10 images; 0 = none; default 0.01, or the base "
+            "gallery's settings with --add-to). Computed before the gallery is written.",
         ),
-    ] = 0.01,
+    ] = None,
 ) -> None:
     """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
     # the CLI prints the skips itself; keep the library's log records from printing twice
@@ -79,12 +79,13 @@ def pack_command(
         skip_bad=skip_bad,
         skip_duplicates=skip_duplicates,
         verify=verify,
+        far=far,
     )
     for _name, why in r.skipped_bad:
-        warn(f"skipped {why}")  # the reason names the file
+        warn(f"skipped {display_name(why)}")  # the reason names the file
     for name, other in r.skipped_duplicates:
-        warn(f"skipped {name}: same content as {other}")
-    t = Table(title=f"gallery written: {r.path}", show_header=False)
+        warn(f"skipped {display_name(name)}: same content as {display_name(other)}")
+    t = Table(title=f"gallery written: {display_name(str(r.path))}", show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     t.add_row("images in gallery", str(r.n_images))
@@ -97,17 +98,15 @@ def pack_command(
     t.add_row("model fingerprint", r.fingerprint)
     if verify:
         t.add_row("verified", "all SHA-256 checksums match")
-    if far > 0:
-        if r.n_images < MIN_IMAGES:
-            warn(f"{output}: {r.n_images} images; thresholds need >= {MIN_IMAGES} (none stored)")
-        else:
-            with progress_bar(r.n_images, "thresholds", enabled=progress) as advance:
-                th = calibrate_gallery(output, far=far, progress=advance)
-            t.add_row(
-                "thresholds",
-                f"image {th['image']:.4g}, pixel {th['pixel']:.4g} "
-                f"(false-alarm rate {far:g}, K={th['k_image']}, leave-one-out)",
-            )
+    th = r.thresholds
+    if th is not None:
+        t.add_row(
+            "thresholds",
+            f"image {th['image']:.4g}, pixel {th['pixel']:.4g} (false-alarm rate "
+            f"{th['far']:g}, K={th['k_image']}, leave-one-out on {th['n_normal']} images)",
+        )
+    elif r.thresholds_note:
+        warn(f"{display_name(str(output))}: {r.thresholds_note}")
     Console().print(t)
 
 

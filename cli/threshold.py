@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.calibration.thresholds import calibrate_gallery
 from spade_edge.cli._common import (
     KGalleryOpt,
     KImageOpt,
@@ -18,6 +17,7 @@ from spade_edge.cli._common import (
     resolve_k,
 )
 from spade_edge.runtime.gallery import Gallery
+from spade_edge.runtime.thresholds import calibrate_gallery
 
 app = typer.Typer(add_completion=False)
 
@@ -37,7 +37,8 @@ def threshold(
 ) -> None:
     """Leave-one-out over normal images -> image and pixel thresholds in the gallery manifest."""
     ki, kg = resolve_k(k, k_image, k_gallery)
-    n = Gallery.open(gallery).n_images
+    with Gallery.open(gallery) as g:
+        n = g.n_images
     with progress(n, "leave-one-out") as advance:
         th = calibrate_gallery(gallery, out, far=far, k_image=ki, k_gallery=kg, progress=advance)
     typer.echo(json.dumps(th))

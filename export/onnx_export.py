@@ -11,7 +11,6 @@ in ONNX Runtime, and only then renamed into place: a failed export never leaves 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -33,6 +32,7 @@ from spade_edge.runtime.contract import (
 )
 from spade_edge.runtime.errors import ExportError, InputError
 from spade_edge.runtime.fileio import atomic_path
+from spade_edge.runtime.model_meta import graph_fingerprint
 
 #: Largest accepted relative error (max|ort - torch| / max|torch|, per output) of the fp32 export.
 PARITY_RTOL = 1e-4
@@ -54,14 +54,6 @@ class ExportReport:
     parity: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (abs, rel)
     parity_seconds: float | None = None
     opset: int | None = None
-
-
-def graph_fingerprint(model_proto: Any) -> str:
-    """SHA-256 hex of the deterministic serialisation of the graph (weights included).
-
-    Metadata lives outside ``graph``, so adding the contract does not change the fingerprint.
-    """
-    return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def strip_debug_info(model_proto: Any) -> None:

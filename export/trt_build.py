@@ -24,7 +24,6 @@ Why it works this way:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,10 +37,10 @@ from spade_edge.runtime.engine_file import (
     MAX_BATCH_CAP,
     PRECISIONS,
     TensorSpec,
-    write_bytes_atomic,
     write_engine_file,
 )
 from spade_edge.runtime.errors import ConfigError, ExportError, InputError
+from spade_edge.runtime.fileio import file_sha256, write_atomic
 from spade_edge.runtime.model_meta import read_model_info
 from spade_edge.runtime.runners.trt import (
     CudaDevice,
@@ -186,14 +185,6 @@ def _io_specs(
     return inputs, outputs
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -268,11 +259,11 @@ def build_engine(
         max_batch=max_batch,
         opt_batch=opt,
         build=build_meta,
-        source={"onnx_name": onnx_path.name, "onnx_sha256": _sha256_file(onnx_path)},
+        source={"onnx_name": onnx_path.name, "onnx_sha256": file_sha256(onnx_path, ExportError)},
         onnx_metadata=dict(info.metadata),
     )
     if raw_plan is not None:
-        write_bytes_atomic(Path(raw_plan), plan)
+        write_atomic(Path(raw_plan), plan)
     return EngineInfo(
         engine_path=engine_path,
         raw_plan=Path(raw_plan) if raw_plan is not None else None,
@@ -360,7 +351,7 @@ def _build(
         )
     plan = bytes(memoryview(serialized).cast("B"))
     if timing_cache is not None:
-        write_bytes_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     build_meta = {
         "strongly_typed": True,
         "network_flags": list(features.network_flags),

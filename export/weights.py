@@ -23,7 +23,7 @@ from typing import Any
 
 from spade_edge.export.backbones import BackboneSpec, WeightSource
 from spade_edge.runtime.errors import WeightsError
-from spade_edge.runtime.fileio import atomic_path
+from spade_edge.runtime.fileio import atomic_path, file_sha256
 
 CHUNK = 1 << 20
 DEFAULT_SEED = 0
@@ -37,15 +37,6 @@ class LoadedWeights:
     tag: str
     path: Path | None = None
     sha256: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    """Streaming SHA-256 hex of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hub_checkpoint_dir() -> Path:
@@ -147,7 +138,7 @@ def fetch_checkpoint(
     folder = cache_dir if cache_dir is not None else hub_checkpoint_dir()
     dest = folder / source.filename
     if dest.is_file():
-        digest = sha256_file(dest)
+        digest = file_sha256(dest, WeightsError)
         if digest.startswith(source.sha256):
             return dest, digest
         dest.unlink()
@@ -259,7 +250,7 @@ def resolve_weights(
         src = spec.weights
         if src.package:
             path = _package_file(src)
-            digest = sha256_file(path) if path.is_file() else ""
+            digest = file_sha256(path, WeightsError) if path.is_file() else ""
         else:
             path, digest = fetch_checkpoint(src, cache_dir, progress)
         sd = read_state_dict(path)
@@ -270,7 +261,7 @@ def resolve_weights(
             f"{path}: weights file not found (use --weights imagenet, random, or a .pth path)"
         )
     sd = read_state_dict(path)
-    digest = sha256_file(path)
+    digest = file_sha256(path, WeightsError)
     return LoadedWeights(sd, f"file:{path.name}:sha256={digest}", path, digest)
 
 

@@ -28,7 +28,8 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.errors import FormatError, InputError
-from spade_edge.runtime.fileio import atomic_path
+from spade_edge.runtime.fileio import atomic_path, is_sha256_hex
 
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -48,21 +49,25 @@ MAX_NAME_LEN = 255
 MIN_ALIGNMENT = 8
 MAX_ALIGNMENT = 1 << 24
 DEFAULT_ALIGNMENT = 4096
+#: Bytes hashed per step by ``verify`` (bounded memory, stays in cache for the ``check`` hook).
+_VERIFY_CHUNK = 16 << 20
+_VERIFY_THREADS = 4
 #: dtypes a blob may have (numpy ``dtype.str``; always explicit little-endian or byte-sized).
 ALLOWED_DTYPES = frozenset(
     {"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"}
 )
 _BLOB_KEYS = frozenset({"name", "dtype", "shape", "offset", "nbytes", "sha256"})
 _TOP_KEYS = frozenset({"alignment", "blobs", "manifest"})
-_HEX = frozenset("0123456789abcdef")
 #: Pass as ``supported_versions`` to read any version (generic inspection only).
 ANY_VERSION = range(0, 1 << 32)
 _Versions = set[int] | frozenset[int] | range
 
+GALLERY_MAGIC = b"SPADEGAL"
+ENGINE_MAGIC = b"SPADEENG"
 #: magic -> human name of the artifact kind (for error messages and spade-inspect).
 KNOWN_MAGICS: dict[bytes, str] = {
-    b"SPADEGAL": "spade-edge gallery",
-    b"SPADEENG": "spade-edge TensorRT engine",
+    GALLERY_MAGIC: "spade-edge gallery",
+    ENGINE_MAGIC: "spade-edge TensorRT engine",
 }
 
 
@@ -75,6 +80,18 @@ class BlobInfo:
     dtype: str
     shape: tuple[int, ...]
     sha256: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the header and manifest of a container say, after validation."""
+
+    version: int
+    manifest: dict[str, Any]
+    blob_info: dict[str, BlobInfo]
+    alignment: int
+    file_size: int
+    manifest_sha256: str
 
 
 def peek_magic(path: str | Path) -> bytes:
@@ -250,26 +267,16 @@ def _is_int(v: Any) -> bool:
 class Container:
     """A validated, memory-mapped container. Use :func:`read_container` to open one."""
 
-    def __init__(
-        self,
-        path: Path,
-        magic: bytes,
-        version: int,
-        manifest: dict[str, Any],
-        blob_info: dict[str, BlobInfo],
-        alignment: int,
-        file_size: int,
-        manifest_sha256: str,
-        mm: mmap.mmap | None,
-    ) -> None:
+    def __init__(self, path: Path, magic: bytes, layout: Layout, mm: mmap.mmap | None) -> None:
         self.path = path
         self.magic = magic
-        self.version = version
-        self.manifest = manifest
-        self.blob_info = blob_info
-        self.alignment = alignment
-        self.file_size = file_size
-        self.manifest_sha256 = manifest_sha256
+        self.layout = layout
+        self.version = layout.version
+        self.manifest = layout.manifest
+        self.blob_info = layout.blob_info
+        self.alignment = layout.alignment
+        self.file_size = layout.file_size
+        self.manifest_sha256 = layout.manifest_sha256
         self._mm = mm
 
     def blob(self, name: str) -> np.ndarray:
@@ -287,26 +294,48 @@ class Container:
         count = info.nbytes // dtype.itemsize
         return np.frombuffer(self._mm, dtype, count=count, offset=info.offset).reshape(info.shape)
 
-    def verify(self) -> None:
-        """Check every blob's SHA-256 (reads the whole file; open itself does not)."""
+    def verify(self, check: Callable[[str, memoryview], None] | None = None) -> None:
+        """Check every blob's SHA-256 (reads the whole file; open itself does not).
+
+        ``check(name, chunk)`` also sees every chunk of every blob on the same pass (the
+        gallery checks finiteness there). Blobs are hashed on a few threads (hashlib and NumPy
+        release the GIL); the first mismatch in blob-table order is reported.
+        """
+        if self._mm is None and any(bi.nbytes for bi in self.blob_info.values()):
+            raise FormatError(f"{self.path}: container is closed")
+        items = sorted(self.blob_info.items(), key=lambda kv: -kv[1].nbytes)
+        workers = max(1, min(_VERIFY_THREADS, len(items), os.cpu_count() or 1))
+        if workers == 1:
+            digests = {name: self._blob_sha256(name, bi, check) for name, bi in items}
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                futs = {name: pool.submit(self._blob_sha256, name, bi, check) for name, bi in items}
+                digests = {name: f.result() for name, f in futs.items()}
         for name, info in self.blob_info.items():
-            h = hashlib.sha256()
-            if info.nbytes:
-                if self._mm is None:
-                    raise FormatError(f"{self.path}: container is closed")
-                view = memoryview(self._mm)
-                try:
-                    step = 16 << 20
-                    for start in range(info.offset, info.offset + info.nbytes, step):
-                        end = min(start + step, info.offset + info.nbytes)
-                        h.update(view[start:end])
-                finally:
-                    view.release()
-            if h.hexdigest() != info.sha256:
+            if digests[name] != info.sha256:
                 raise FormatError(
                     f"{self.path}: blob {name!r} is corrupt (SHA-256 mismatch; "
-                    f"stored {info.sha256[:16]}…, computed {h.hexdigest()[:16]}…)"
+                    f"stored {info.sha256[:16]}…, computed {digests[name][:16]}…)"
                 )
+
+    def _blob_sha256(
+        self, name: str, info: BlobInfo, check: Callable[[str, memoryview], None] | None
+    ) -> str:
+        h = hashlib.sha256()
+        if not info.nbytes:
+            return h.hexdigest()
+        assert self._mm is not None
+        view = memoryview(self._mm)
+        try:
+            for start in range(info.offset, info.offset + info.nbytes, _VERIFY_CHUNK):
+                chunk = view[start : min(start + _VERIFY_CHUNK, info.offset + info.nbytes)]
+                h.update(chunk)
+                if check is not None:
+                    check(name, chunk)
+                chunk.release()
+        finally:
+            view.release()
+        return h.hexdigest()
 
     def close(self) -> None:
         """Unmap the file. Arrays handed out earlier keep the mapping alive until freed."""
@@ -358,17 +387,18 @@ def read_container(
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise InputError(f"{p}: cannot memory-map file: {e}") from None
-    c = Container(p, magic, *info, mm=mm)
+    c = Container(p, magic, info, mm=mm)
     if verify:
         c.verify()
     return c
 
 
-def _parse(
-    p: Path, f: Any, size: int, head: bytes, magic: bytes, versions: _Versions
-) -> tuple[int, dict[str, Any], dict[str, BlobInfo], int, int, str]:
+def _parse_header(
+    p: Path, size: int, head: bytes, magic: bytes, versions: _Versions
+) -> tuple[int, int, bytes]:
+    """Magic, version, flags and manifest length of the fixed header: (version, mlen, sha)."""
     kind = KNOWN_MAGICS.get(magic, f"{magic!r}")
-    if head[:8] != magic:
+    if head[: len(magic)] != magic:
         if len(head) < len(magic) and magic.startswith(head) and head:
             raise FormatError(f"{p}: truncated header ({size} bytes; magic incomplete)")
         raise FormatError(
@@ -394,6 +424,11 @@ def _parse(
         raise FormatError(
             f"{p}: truncated manifest (needs {HEADER_SIZE + mlen} bytes, file has {size})"
         )
+    return version, mlen, msha
+
+
+def _read_table(p: Path, f: Any, mlen: int, msha: bytes) -> dict[str, Any]:
+    """The manifest bytes, checked against the header's SHA-256, as strict JSON."""
     mbytes = f.read(mlen)
     if len(mbytes) != mlen:
         raise FormatError(f"{p}: truncated manifest (file shrank while reading)")
@@ -410,6 +445,13 @@ def _parse(
     if not isinstance(table, dict) or set(table) != _TOP_KEYS:
         got = sorted(table) if isinstance(table, dict) else type(table).__name__
         raise FormatError(f"{p}: manifest must have exactly keys {sorted(_TOP_KEYS)}, got {got}")
+    if not isinstance(table["manifest"], dict):
+        raise FormatError(f"{p}: manifest field 'manifest' is not an object")
+    return table
+
+
+def _data_start(p: Path, f: Any, table: dict[str, Any], mlen: int, size: int) -> tuple[int, int]:
+    """(alignment, offset of the first blob); the padding after the manifest must be zeros."""
     alignment = table["alignment"]
     if (
         not _is_int(alignment)
@@ -417,15 +459,18 @@ def _parse(
         or alignment & (alignment - 1)
     ):
         raise FormatError(f"{p}: manifest field 'alignment' is {alignment!r}")
-    if not isinstance(table["manifest"], dict):
-        raise FormatError(f"{p}: manifest field 'manifest' is not an object")
     data_start = _align_up(HEADER_SIZE + mlen, alignment)
     if data_start > size:
         raise FormatError(f"{p}: truncated after the manifest (padding to byte {data_start})")
     pad = f.read(data_start - HEADER_SIZE - mlen)
     if pad.count(0) != len(pad):
         raise FormatError(f"{p}: non-zero bytes in the padding after the manifest")
+    return alignment, data_start
 
+
+def _blob_table(
+    p: Path, table: dict[str, Any], alignment: int, data_start: int, size: int
+) -> dict[str, BlobInfo]:
     blobs = table["blobs"]
     if not isinstance(blobs, list):
         raise FormatError(f"{p}: manifest field 'blobs' is not a list")
@@ -437,17 +482,25 @@ def _parse(
         if name in infos:
             raise FormatError(f"{p}: blob name {name!r} appears twice in the blob table")
         infos[name] = bi
+    return infos
+
+
+def _check_tiling(
+    p: Path, f: Any, infos: dict[str, BlobInfo], alignment: int, data_start: int, size: int
+) -> None:
+    """Blobs tile the data region: no overlap, zero padding (< alignment) between them, and
+    the last one ends exactly at the end of the file."""
+    ordered = sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes))
     end = data_start
-    for name, bi in sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+    for name, bi in ordered:
         if bi.offset < end:
             raise FormatError(f"{p}: blob {name!r} at offset {bi.offset} overlaps the previous")
         end = bi.offset + bi.nbytes
     if end != size:
         what = "truncated" if size < end else "trailing bytes after the last blob"
         raise FormatError(f"{p}: {what} (file has {size} bytes, blob table says {end})")
-    # gaps between blobs must be zero padding (cheap: each gap is < alignment)
     pos = data_start
-    for name, bi in sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+    for name, bi in ordered:  # cheap: each gap is < alignment
         if bi.offset - pos >= alignment:
             raise FormatError(f"{p}: blob {name!r} offset {bi.offset} leaves an unexplained gap")
         if bi.offset > pos:
@@ -456,7 +509,16 @@ def _parse(
             if len(gap) != bi.offset - pos or gap.count(0) != len(gap):
                 raise FormatError(f"{p}: non-zero padding before blob {name!r}")
         pos = bi.offset + bi.nbytes
-    return version, table["manifest"], infos, alignment, size, msha.hex()
+
+
+def _parse(p: Path, f: Any, size: int, head: bytes, magic: bytes, versions: _Versions) -> Layout:
+    """Validate header, manifest and blob table against the real file size (no blob is read)."""
+    version, mlen, msha = _parse_header(p, size, head, magic, versions)
+    table = _read_table(p, f, mlen, msha)
+    alignment, data_start = _data_start(p, f, table, mlen, size)
+    infos = _blob_table(p, table, alignment, data_start, size)
+    _check_tiling(p, f, infos, alignment, data_start, size)
+    return Layout(version, table["manifest"], infos, alignment, size, msha.hex())
 
 
 def _parse_blob(
@@ -492,7 +554,7 @@ def _parse_blob(
         raise FormatError(
             f"{p}: truncated: {where} ends at byte {offset + nbytes}, file has {size} bytes"
         )
-    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
+    if not is_sha256_hex(sha):
         raise FormatError(f"{p}: {where} field 'sha256' is not 64 lowercase hex digits")
     return name, BlobInfo(offset, nbytes, dtype, tuple(shape), sha)
 
@@ -501,10 +563,13 @@ __all__ = [
     "ALLOWED_DTYPES",
     "ANY_VERSION",
     "DEFAULT_ALIGNMENT",
+    "ENGINE_MAGIC",
+    "GALLERY_MAGIC",
     "HEADER_SIZE",
     "KNOWN_MAGICS",
     "BlobInfo",
     "Container",
+    "Layout",
     "describe_foreign",
     "peek_magic",
     "read_container",

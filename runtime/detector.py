@@ -13,6 +13,7 @@ and one workspace each) are serialised by an internal lock.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -26,12 +27,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from spade_edge.runtime.errors import CompatibilityError, InputError, SpadeError
+from spade_edge.runtime.compat import check_gallery
+from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.gallery import Gallery
 from spade_edge.runtime.matchers import open_matcher
 from spade_edge.runtime.matchers.base import Score
 from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_any, prepare_path
 from spade_edge.runtime.runners import Runner, open_runner
+from spade_edge.runtime.thresholds import thresholds_problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,15 +111,27 @@ class Detector:
             th.get("k_image", matcher.k_image) == matcher.k_image
             and th.get("k_gallery", matcher.k_gallery) == matcher.k_gallery
         )
+        #: why the stored thresholds are not applied (None when they are, or there are none)
+        self.thresholds_problem: str | None = thresholds_problem(gallery) or (
+            None
+            if same_k
+            else "stored thresholds were calibrated for other K values "
+            "(recalibrate with spade-threshold)"
+        )
+        usable = self.thresholds_problem is None
         self.threshold = (
-            threshold if threshold is not None else (th.get("image") if same_k else None)
+            threshold if threshold is not None else (th.get("image") if usable else None)
         )
         self.pixel_threshold = (
             pixel_threshold
             if pixel_threshold is not None
-            else (th.get("pixel") if same_k else None)
+            else (th.get("pixel") if usable else None)
         )
-        self.thresholds_stale = bool(th) and not same_k and threshold is None
+        self.thresholds_stale = bool(th) and not usable and threshold is None
+        if self.thresholds_stale:
+            log.warning(
+                "%s: %s; no verdicts", getattr(gallery, "path", "gallery"), self.thresholds_problem
+            )
         safe = getattr(runner, "thread_safe", runner.name == "ort") and getattr(
             matcher, "thread_safe", False
         )
@@ -140,9 +157,13 @@ class Detector:
 
         ``runner_options``/``matcher_options`` go to the backends (e.g. ``device`` for a GPU)."""
         g = Gallery.open(gallery, verify=verify)
-        runner = open_runner(model, backend, **(runner_options or {}))
         try:
-            check_pair(runner, g, str(model))
+            runner = open_runner(model, backend, **(runner_options or {}))
+        except BaseException:
+            g.close()
+            raise
+        try:
+            check_gallery(g, runner, str(model))
             k_i = k_image if k_image is not None else g.default_k
             k_g = k_gallery if k_gallery is not None else g.default_k
             try:
@@ -153,6 +174,7 @@ class Detector:
                 raise type(e)(f"{g.path}: {e}") from None
         except Exception:
             runner.close()
+            g.close()
             raise
         return cls(runner, g, m, threshold, pixel_threshold)
 
@@ -239,6 +261,9 @@ class Detector:
     def close(self) -> None:
         self.matcher.close()
         self.runner.close()
+        close_gallery = getattr(self.gallery, "close", None)
+        if close_gallery is not None:
+            close_gallery()
 
     def __enter__(self) -> Detector:
         return self
@@ -247,39 +272,4 @@ class Detector:
         self.close()
 
 
-PREPROCESSING_FIELDS = ("image_size", "resize", "mean", "std", "color", "levels", "pooled_dim")
-
-
-def check_pair(runner: Runner, gallery: Any, model_source: str) -> None:
-    """Refuse a gallery packed with another model (derived models: see docs/precision.md).
-
-    The fingerprint covers the graph; the preprocessing contracts must agree as well, so a
-    gallery packed with other preprocessing is never scored against.
-    """
-    mc, gc = runner.contract.to_dict(), gallery.contract.to_dict()
-    diff = [f for f in PREPROCESSING_FIELDS if mc.get(f) != gc.get(f)]
-    if diff:
-        raise CompatibilityError(
-            f"gallery {gallery.path} and model {model_source} disagree on the preprocessing "
-            f"contract ({', '.join(diff)}): repack with `spade-pack {model_source} ...`"
-        )
-    if runner.fingerprint == gallery.fingerprint:
-        return
-    parent = runner.contract.parent_fingerprint
-    if parent is not None and parent == gallery.fingerprint:
-        from spade_edge.calibration.lineage import gallery_decision
-
-        ok, why = gallery_decision(
-            gallery.fingerprint, runner.contract, getattr(runner, "metadata", {}) or {}
-        )
-        if ok:
-            return
-        raise CompatibilityError(
-            f"gallery {gallery.path} was packed with the fp32 parent of {model_source} "
-            f"({runner.contract.precision}), which may not reuse it: {why}; "
-            f"repack with `spade-pack {model_source} ...`"
-        )
-    gallery.check_model(runner.fingerprint, model_source)  # raises, naming both fingerprints
-
-
-__all__ = ["Detector", "InputError", "Result", "check_pair", "project_to_original"]
+__all__ = ["Detector", "InputError", "Result", "project_to_original"]

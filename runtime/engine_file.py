@@ -24,12 +24,16 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime import __version__
-from spade_edge.runtime.container import Container, read_container, write_container
+from spade_edge.runtime.container import (
+    ENGINE_MAGIC,
+    Container,
+    read_container,
+    write_container,
+)
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import CompatibilityError, FormatError
-from spade_edge.runtime.fileio import write_atomic
+from spade_edge.runtime.fileio import is_sha256_hex, utc_timestamp
 
-ENGINE_MAGIC = b"SPADEENG"
 ENGINE_FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (ENGINE_FORMAT_VERSION,)
 ENGINE_KIND = "spade-edge TensorRT engine"
@@ -39,7 +43,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 #: I/O dtypes an engine may expose (TensorRT DataType names mapped to NumPy names).
 IO_DTYPES = ("float32", "float16", "int8", "int32", "int64", "bool", "uint8")
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _TRT_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[.+-]?(?:post|dev|rc)\w*)?")
 _CC = re.compile(r"(\d{1,2})\.(\d{1,2})")
 _REQUIRED = {
@@ -233,7 +236,7 @@ def _validate(manifest: Any, src: str) -> dict[str, Any]:
     if manifest["kind"] != ENGINE_KIND:
         raise FormatError(f"{src}: engine manifest field 'kind' is {manifest['kind']!r:.60}")
     fp = manifest["model_fingerprint"]
-    if not _HEX64.fullmatch(fp):
+    if not is_sha256_hex(fp):
         raise FormatError(f"{src}: engine manifest field 'model_fingerprint' is malformed")
     contract = Contract.from_dict(manifest["contract"], f"{src} (engine contract)")
     precision = manifest["precision"]
@@ -303,10 +306,6 @@ def build_manifest(
     created: str | None = None,
 ) -> dict[str, Any]:
     """The manifest dict ``write_engine_file`` stores (exposed for tests and tools)."""
-    if created is None:
-        import datetime as _dt
-
-        created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     return {
         "kind": ENGINE_KIND,
         "tool_version": __version__,
@@ -323,7 +322,7 @@ def build_manifest(
         "build": dict(build or {}),
         "source": dict(source or {}),
         "onnx_metadata": dict(onnx_metadata or {}),
-        "created": created,
+        "created": created or utc_timestamp(),
     }
 
 
@@ -412,11 +411,6 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
         }
 
 
-def write_bytes_atomic(path: str | Path, data: bytes | bytearray | memoryview) -> None:
-    """Write raw bytes atomically (raw plans, timing caches)."""
-    write_atomic(path, data)
-
-
 def output_nbytes(spec: TensorSpec, batch: int) -> int:
     """Bytes of ``batch`` images of an output (for buffer sizing)."""
     return batch * math.prod(spec.per_image_shape) * np.dtype(spec.dtype).itemsize
@@ -434,6 +428,5 @@ __all__ = [
     "output_nbytes",
     "read_engine_file",
     "tensorrt_version_key",
-    "write_bytes_atomic",
     "write_engine_file",
 ]

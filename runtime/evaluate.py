@@ -100,11 +100,19 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="spade-eval-") as tmp:
         gpath = Path(gallery) if gallery else Path(tmp) / "gallery.bin"
         if gallery is None:
-            pack(model, train, gpath, batch_size=batch_size, backend=backend, progress=False)
+            pack(
+                model,
+                train,
+                gpath,
+                batch_size=batch_size,
+                backend=backend,
+                progress=False,
+                far=0,  # thresholds below, at the evaluated K
+            )
         t_pack = time.perf_counter() - t0
         th_report: dict[str, Any] | None = None
         if far is not None:
-            from spade_edge.calibration.thresholds import calibrate_gallery
+            from spade_edge.runtime.thresholds import calibrate_gallery
 
             calib_path = Path(tmp) / "calibrated.bin"
             th_report = calibrate_gallery(

@@ -7,33 +7,44 @@ Squared norms are stored next to them, computed FROM THE fp16-ROUNDED values, so
 expanded distance ‖q‖² + ‖g‖² − 2 q·g is consistent with the stored vectors.
 
 Source names and content hashes live in blobs (not in the JSON manifest) because the
-manifest is capped at 16 MiB while a gallery may hold up to 10 million images.
+manifest is capped at 16 MiB while a gallery may hold up to 10 million images. Names are stored
+as the file system's bytes (a name that is not UTF-8 round-trips unchanged).
+
+Anything that copies blobs out of an existing gallery into a new file (``rewrite_gallery``,
+``append_gallery``) verifies them first: a corrupt gallery never comes out with fresh, valid
+checksums. Verifying also proves every stored feature and norm is finite.
 Byte-level description: docs/format.md.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spade_edge.runtime import __version__
-from spade_edge.runtime.container import Container, read_container, write_container
+from spade_edge.runtime.container import (
+    GALLERY_MAGIC,
+    BlobInfo,
+    Container,
+    read_container,
+    write_container,
+)
 from spade_edge.runtime.contract import Contract
-from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.errors import FormatError, InputError
+from spade_edge.runtime.fileio import is_sha256_hex, utc_timestamp
 
-GALLERY_MAGIC = b"SPADEGAL"
 GALLERY_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({GALLERY_VERSION})
 GALLERY_KIND = "spade-edge gallery"
 MAX_IMAGES = 10_000_000
 MAX_DEFAULT_K = 100_000
+#: K stored when the writer is not told otherwise (``min(DEFAULT_K, n)`` for small galleries).
+DEFAULT_K = 5
 FEATURE_DTYPE = "<f2"
 SQNORM_DTYPE = "<f4"
 #: Images processed at a time when computing norms (bounds the temporary float64 copy).
@@ -59,7 +70,6 @@ _MANIFEST_KEYS = frozenset(
 )
 _LEVEL_KEYS = frozenset({"name", "stride", "height", "width", "channels", "blob", "sqnorms_blob"})
 _SOURCES_VALUE = {"names_blob": "source_names", "sha256_blob": "source_sha256"}
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class _Keep:
@@ -144,6 +154,23 @@ def _to_fp16(a: np.ndarray, what: str, path: Path) -> tuple[np.ndarray, np.ndarr
     return h, norms
 
 
+def encode_name(name: str) -> bytes:
+    """A source name as stored: the file system's bytes (``os.fsencode``'s surrogateescape),
+    so a name that is not UTF-8 survives the round trip unchanged."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def check_source_name(name: Any, where: str) -> str:
+    """A storable source name (non-empty, no line break, encodable), else InputError."""
+    if not isinstance(name, str) or not name or "\n" in name or "\r" in name:
+        raise InputError(f"{where}: source name {name!r} is empty or has a line break")
+    try:
+        encode_name(name)
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: source name {name!r} cannot be stored as bytes") from None
+    return name
+
+
 def _check_sources(sources: Sequence[dict[str, Any]], n: int, path: Path) -> list[dict[str, str]]:
     if len(sources) != n:
         raise InputError(f"{path}: {len(sources)} sources given for {n} images")
@@ -152,11 +179,11 @@ def _check_sources(sources: Sequence[dict[str, Any]], n: int, path: Path) -> lis
     for i, s in enumerate(sources):
         if not isinstance(s, dict):
             raise InputError(f"{path}: source {i} must be a dict with 'name' and 'sha256'")
-        name, sha = s.get("name"), s.get("sha256")
-        if not isinstance(name, str) or not name or "\n" in name or "\r" in name:
-            raise InputError(f"{path}: source {i} name {name!r} is empty or has a line break")
-        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        name = check_source_name(s.get("name"), f"{path}: source {i}")
+        sha = s.get("sha256")
+        if not is_sha256_hex(sha):
             raise InputError(f"{path}: source {name!r} sha256 is not 64 lowercase hex digits")
+        assert isinstance(sha, str)
         if sha in seen:
             raise InputError(
                 f"{path}: {name!r} has the same content as {seen[sha]!r} (SHA-256 {sha[:16]}…); "
@@ -167,66 +194,84 @@ def _check_sources(sources: Sequence[dict[str, Any]], n: int, path: Path) -> lis
     return out
 
 
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _check_default_k(default_k: int | None, n: int, path: Path) -> int:
+    """``None`` -> ``min(DEFAULT_K, n)``, so a small gallery is usable with its defaults."""
+    if default_k is None:
+        return min(DEFAULT_K, n)
+    if isinstance(default_k, bool) or not isinstance(default_k, int):
+        raise InputError(f"{path}: default_k must be an integer, got {default_k!r}")
+    if not 1 <= default_k <= MAX_DEFAULT_K:
+        raise InputError(f"{path}: default_k {default_k} out of range 1..{MAX_DEFAULT_K}")
+    return default_k
 
 
 # ----------------------------------------------------------------------------------- writing
 
 
-def _write(
-    path: Path,
-    contract: Contract,
-    fingerprint: str,
-    pooled16: np.ndarray,
-    pooled_sq: np.ndarray,
-    levels16: Sequence[np.ndarray],
-    level_sq: Sequence[np.ndarray],
-    sources: list[dict[str, str]],
-    default_k: int,
-    thresholds: dict[str, Any] | None,
-    extra: dict[str, Any] | None,
-    created: str,
-) -> None:
-    n = len(pooled16)
-    if not isinstance(fingerprint, str) or not _HEX64.fullmatch(fingerprint):
-        raise InputError(f"{path}: model fingerprint {fingerprint!r} is not 64 lowercase hex")
-    if isinstance(default_k, bool) or not isinstance(default_k, int):
-        raise InputError(f"{path}: default_k must be an integer, got {default_k!r}")
-    if not 1 <= default_k <= MAX_DEFAULT_K:
-        raise InputError(f"{path}: default_k {default_k} out of range 1..{MAX_DEFAULT_K}")
-    if thresholds is not None and not isinstance(thresholds, dict):
-        raise InputError(f"{path}: thresholds must be a dict or None")
-    if extra is not None and not isinstance(extra, dict):
-        raise InputError(f"{path}: extra must be a dict or None")
-    manifest = {
-        "kind": GALLERY_KIND,
-        "format_version": GALLERY_VERSION,
-        "tool_version": __version__,
-        "model_fingerprint": fingerprint,
-        "contract": contract.to_dict(),
-        "n_images": n,
-        "pooled_dim": contract.pooled_dim,
-        "levels": [_level_entry(i, lv) for i, lv in enumerate(contract.levels)],
-        "dtypes": {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE},
-        "sources": dict(_SOURCES_VALUE),
-        "created": created,
-        "default_k": default_k,
-        "thresholds": thresholds,
-        "extra": extra or {},
-    }
-    names = "\n".join(s["name"] for s in sources).encode("utf-8")
-    hashes = np.frombuffer(b"".join(bytes.fromhex(s["sha256"]) for s in sources), np.uint8)
-    blobs: dict[str, np.ndarray | bytes] = {
-        "pooled": pooled16,
-        "pooled_sqnorms": pooled_sq,
-    }
-    for i, (lv, sq) in enumerate(zip(levels16, level_sq, strict=True)):
-        blobs[f"level{i}"] = lv
-        blobs[f"level{i}_sqnorms"] = sq
-    blobs["source_sha256"] = hashes.reshape(n, 32)
-    blobs["source_names"] = names
-    write_container(path, GALLERY_MAGIC, GALLERY_VERSION, manifest, blobs)
+@dataclass
+class GalleryData:
+    """Everything a gallery file holds, in memory, checked: fp16 features with the float32
+    norms of the fp16 values, sources, manifest fields. Satisfies the matchers'
+    ``GalleryArrays``, so thresholds can be computed before the file is written."""
+
+    contract: Contract
+    fingerprint: str
+    pooled: np.ndarray
+    pooled_sqnorms: np.ndarray
+    levels: list[np.ndarray]
+    level_sqnorms: list[np.ndarray]
+    sources: list[dict[str, str]]
+    default_k: int
+    created: str
+    thresholds: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str = "<new gallery>"
+
+    @property
+    def n_images(self) -> int:
+        return len(self.pooled)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "kind": GALLERY_KIND,
+            "format_version": GALLERY_VERSION,
+            "tool_version": __version__,
+            "model_fingerprint": self.fingerprint,
+            "contract": self.contract.to_dict(),
+            "n_images": self.n_images,
+            "pooled_dim": self.contract.pooled_dim,
+            "levels": [_level_entry(i, lv) for i, lv in enumerate(self.contract.levels)],
+            "dtypes": {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE},
+            "sources": dict(_SOURCES_VALUE),
+            "created": self.created,
+            "default_k": self.default_k,
+            "thresholds": self.thresholds,
+            "extra": self.extra,
+        }
+
+    def blobs(self) -> dict[str, np.ndarray | bytes]:
+        names = b"\n".join(encode_name(s["name"]) for s in self.sources)
+        hashes = np.frombuffer(b"".join(bytes.fromhex(s["sha256"]) for s in self.sources), np.uint8)
+        out: dict[str, np.ndarray | bytes] = {
+            "pooled": self.pooled,
+            "pooled_sqnorms": self.pooled_sqnorms,
+        }
+        for i, (lv, sq) in enumerate(zip(self.levels, self.level_sqnorms, strict=True)):
+            out[f"level{i}"] = lv
+            out[f"level{i}_sqnorms"] = sq
+        out["source_sha256"] = hashes.reshape(self.n_images, 32)
+        out["source_names"] = names
+        return out
+
+
+def save_gallery(path: str | Path, data: GalleryData) -> None:
+    """Write ``data`` to ``path`` atomically (the old file stays until the new one is whole)."""
+    p = Path(path)
+    if data.thresholds is not None and not isinstance(data.thresholds, dict):
+        raise InputError(f"{p}: thresholds must be a dict or None")
+    if not isinstance(data.extra, dict):
+        raise InputError(f"{p}: extra must be a dict")
+    write_container(p, GALLERY_MAGIC, GALLERY_VERSION, data.manifest(), data.blobs())
 
 
 def _prepare_shapes(
@@ -294,6 +339,50 @@ def _given_norms(
     return pairs[0], pairs[1:]
 
 
+def prepare_gallery(
+    path: str | Path,
+    contract: Contract,
+    fingerprint: str,
+    pooled: np.ndarray,
+    levels: Sequence[np.ndarray],
+    sources: Sequence[dict[str, Any]],
+    *,
+    default_k: int | None = None,
+    thresholds: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    created: str | None = None,
+    sqnorms: tuple[np.ndarray, list[np.ndarray]] | None = None,
+) -> GalleryData:
+    """Check and round everything :func:`write_gallery` would write, without writing it
+    (``path`` names the destination in error messages)."""
+    p = Path(path)
+    if not is_sha256_hex(fingerprint):
+        raise InputError(f"{p}: model fingerprint {fingerprint!r} is not 64 lowercase hex")
+    if sqnorms is not None:
+        (pooled16, pooled_sq), lv_pairs = _given_norms(p, contract, pooled, levels, sqnorms)
+    else:
+        (pooled16, pooled_sq), lv_pairs = _prepare_features(p, contract, pooled, levels)
+    n = len(pooled16)
+    if thresholds is not None and not isinstance(thresholds, dict):
+        raise InputError(f"{p}: thresholds must be a dict or None")
+    if extra is not None and not isinstance(extra, dict):
+        raise InputError(f"{p}: extra must be a dict or None")
+    return GalleryData(
+        contract=contract,
+        fingerprint=fingerprint,
+        pooled=pooled16,
+        pooled_sqnorms=pooled_sq,
+        levels=[h for h, _ in lv_pairs],
+        level_sqnorms=[sq for _, sq in lv_pairs],
+        sources=_check_sources(sources, n, p),
+        default_k=_check_default_k(default_k, n, p),
+        created=created or utc_timestamp(),
+        thresholds=thresholds,
+        extra=extra or {},
+        path=str(p),
+    )
+
+
 def write_gallery(
     path: str | Path,
     contract: Contract,
@@ -301,7 +390,7 @@ def write_gallery(
     pooled: np.ndarray,
     levels: list[np.ndarray],
     sources: list[dict[str, Any]],
-    default_k: int = 5,
+    default_k: int | None = None,
     thresholds: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     created: str | None = None,
@@ -314,29 +403,24 @@ def write_gallery(
     only accepted with fp16 features. They are still checked for shape and finiteness.
 
     ``sources``: one ``{"name": str, "sha256": hex}`` per image (content hash of the file);
-    the same content twice is refused. ``created``: ISO-8601 UTC time, now when None (pass a
-    fixed value for byte-reproducible files).
+    the same content twice is refused. ``default_k``: None stores ``min(5, n)``.
+    ``created``: ISO-8601 UTC time, now when None (pass a fixed value for byte-reproducible
+    files).
     """
-    p = Path(path)
-    if sqnorms is not None:
-        (pooled16, pooled_sq), lv_pairs = _given_norms(p, contract, pooled, levels, sqnorms)
-    else:
-        (pooled16, pooled_sq), lv_pairs = _prepare_features(p, contract, pooled, levels)
-    srcs = _check_sources(sources, len(pooled16), p)
-    _write(
-        p,
+    data = prepare_gallery(
+        path,
         contract,
         fingerprint,
-        pooled16,
-        pooled_sq,
-        [h for h, _ in lv_pairs],
-        [sq for _, sq in lv_pairs],
-        srcs,
-        default_k,
-        thresholds,
-        extra,
-        created or _utc_now(),
+        pooled,
+        levels,
+        sources,
+        default_k=default_k,
+        thresholds=thresholds,
+        extra=extra,
+        created=created,
+        sqnorms=sqnorms,
     )
+    save_gallery(path, data)
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -351,6 +435,133 @@ def _int_field(path: Path, m: dict[str, Any], key: str, lo: int, hi: int) -> int
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise _fail(path, key, f"is {v!r:.40}, must be an integer in {lo}..{hi}")
     return v
+
+
+def _short_string(path: Path, m: dict[str, Any], key: str) -> str:
+    v = m[key]
+    if not isinstance(v, str) or len(v) > 64:
+        raise _fail(path, key, "is not a short string")
+    return v
+
+
+@dataclass(frozen=True)
+class GalleryHeader:
+    """The validated manifest fields of a gallery file."""
+
+    fingerprint: str
+    contract: Contract
+    n_images: int
+    default_k: int
+    thresholds: dict[str, Any] | None
+    extra: dict[str, Any]
+    created: str
+    tool_version: str
+
+
+def _check_manifest_keys(p: Path, m: dict[str, Any], version: int) -> None:
+    if set(m) != _MANIFEST_KEYS:
+        missing = sorted(_MANIFEST_KEYS - set(m))
+        unknown = sorted(set(m) - _MANIFEST_KEYS)
+        raise FormatError(
+            f"{p}: gallery manifest keys wrong (missing {missing}, unknown {unknown})"
+        )
+    if m["kind"] != GALLERY_KIND:
+        raise _fail(p, "kind", f"is {m['kind']!r:.40}, expected {GALLERY_KIND!r}")
+    if m["format_version"] != version or isinstance(m["format_version"], bool):
+        raise _fail(p, "format_version", f"is {m['format_version']!r:.20}, header says {version}")
+
+
+def _check_levels(p: Path, m: dict[str, Any], c: Contract) -> None:
+    """``pooled_dim``, ``levels``, ``dtypes`` and ``sources`` must be what the writer writes."""
+    if m["pooled_dim"] != c.pooled_dim or isinstance(m["pooled_dim"], bool):
+        raise _fail(p, "pooled_dim", f"is {m['pooled_dim']!r:.20}, contract says {c.pooled_dim}")
+    lvs = m["levels"]
+    if not isinstance(lvs, list) or len(lvs) != len(c.levels):
+        raise _fail(p, "levels", f"must list the contract's {len(c.levels)} levels")
+    for i, (e, lv) in enumerate(zip(lvs, c.levels, strict=True)):
+        if not isinstance(e, dict) or set(e) != _LEVEL_KEYS:
+            raise _fail(p, f"levels[{i}]", f"must have keys {sorted(_LEVEL_KEYS)}")
+        for k, v in _level_entry(i, lv).items():
+            if e[k] != v or isinstance(e[k], bool):
+                raise _fail(p, f"levels[{i}].{k}", f"is {e[k]!r:.40}, contract says {v!r}")
+    if m["dtypes"] != {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE}:
+        raise _fail(p, "dtypes", f"is {m['dtypes']!r:.80}; v1 stores <f2 features, <f4 norms")
+    if m["sources"] != _SOURCES_VALUE:
+        raise _fail(p, "sources", f"is {m['sources']!r:.80}, expected {_SOURCES_VALUE}")
+
+
+def read_header(p: Path, m: dict[str, Any], version: int) -> GalleryHeader:
+    """Validate a gallery manifest (no blob data is read); every problem names the field."""
+    _check_manifest_keys(p, m, version)
+    tool_version = _short_string(p, m, "tool_version")
+    fp = m["model_fingerprint"]
+    if not is_sha256_hex(fp):
+        raise _fail(p, "model_fingerprint", "is not 64 lowercase hex digits")
+    contract = Contract.from_dict(m["contract"], f"{p} (gallery field 'contract')")
+    n = _int_field(p, m, "n_images", 1, MAX_IMAGES)
+    _check_levels(p, m, contract)
+    created = _short_string(p, m, "created")
+    default_k = _int_field(p, m, "default_k", 1, MAX_DEFAULT_K)
+    if m["thresholds"] is not None and not isinstance(m["thresholds"], dict):
+        raise _fail(p, "thresholds", "must be null or an object")
+    if not isinstance(m["extra"], dict):
+        raise _fail(p, "extra", "must be an object")
+    return GalleryHeader(
+        fingerprint=fp,
+        contract=contract,
+        n_images=n,
+        default_k=default_k,
+        thresholds=m["thresholds"],
+        extra=m["extra"],
+        created=created,
+        tool_version=tool_version,
+    )
+
+
+def expected_blobs(contract: Contract, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Blob name -> (dtype, shape) of a gallery of ``n`` images (``source_names`` aside)."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {
+        "pooled": (FEATURE_DTYPE, (n, contract.pooled_dim)),
+        "pooled_sqnorms": (SQNORM_DTYPE, (n,)),
+        "source_sha256": ("|u1", (n, 32)),
+    }
+    for i, lv in enumerate(contract.levels):
+        out[f"level{i}"] = (FEATURE_DTYPE, (n, lv.height, lv.width, lv.channels))
+        out[f"level{i}_sqnorms"] = (SQNORM_DTYPE, (n, lv.height, lv.width))
+    return out
+
+
+def check_blob_layout(p: Path, header: GalleryHeader, info: dict[str, BlobInfo]) -> None:
+    """The blob table must hold exactly the blobs the header implies, with their dtypes/shapes."""
+    expected = expected_blobs(header.contract, header.n_images)
+    want_names = set(expected) | {"source_names"}
+    if set(info) != want_names:
+        raise FormatError(
+            f"{p}: gallery blobs wrong (missing {sorted(want_names - set(info))}, "
+            f"unknown {sorted(set(info) - want_names)})"
+        )
+    for name, (dtype, shape) in expected.items():
+        bi = info[name]
+        if bi.dtype != dtype:
+            raise FormatError(f"{p}: gallery blob {name!r} has dtype {bi.dtype}, need {dtype}")
+        if bi.shape != shape:
+            raise FormatError(
+                f"{p}: gallery blob {name!r} has shape {list(bi.shape)}, need {list(shape)}"
+            )
+    names = info["source_names"]
+    if names.dtype != "|u1" or len(names.shape) != 1:
+        raise FormatError(f"{p}: gallery blob 'source_names' must be 1-D uint8 (name bytes)")
+
+
+def _nonfinite_fp16(chunk: np.ndarray) -> bool:
+    """Any NaN/inf among fp16 values (exponent bits all set), without float arithmetic."""
+    u = chunk.view(np.uint16)
+    return bool(u.size) and int(np.bitwise_and(u, 0x7FFF).max()) >= 0x7C00
+
+
+def _nonfinite_fp32(chunk: np.ndarray) -> bool:
+    u = chunk.view(np.uint32)
+    return bool(u.size) and int(np.bitwise_and(u, 0x7FFFFFFF).max()) >= 0x7F800000
 
 
 @dataclass
@@ -393,115 +604,47 @@ class Gallery:
         self.version: int = container.version
         self.manifest: dict[str, Any] = container.manifest
         self._sources: list[dict[str, str]] | None = None
-        self._validate()
+        h = read_header(self.path, self.manifest, self.version)
+        check_blob_layout(self.path, h, container.blob_info)
+        self.header = h
+        self.fingerprint: str = h.fingerprint
+        self.contract = h.contract
+        self.n_images = h.n_images
+        self.default_k: int = h.default_k
+        self.thresholds: dict[str, Any] | None = h.thresholds
+        self.extra: dict[str, Any] = h.extra
+        self.created: str = h.created
+        self.tool_version: str = h.tool_version
+        #: True once every blob's checksum (and finiteness) was checked in this process.
+        self.verified = False
+        self.pooled = container.blob("pooled")
+        self.pooled_sqnorms = container.blob("pooled_sqnorms")
+        n_levels = len(h.contract.levels)
+        self.levels = [container.blob(f"level{i}") for i in range(n_levels)]
+        self.level_sqnorms = [container.blob(f"level{i}_sqnorms") for i in range(n_levels)]
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> Gallery:
-        """Open and validate ``path``; ``verify`` also checks every blob's SHA-256."""
-        c = read_container(path, GALLERY_MAGIC, SUPPORTED_VERSIONS, verify=verify)
+        """Open and validate ``path``; ``verify`` also checks every blob (:meth:`verify`)."""
+        c = read_container(path, GALLERY_MAGIC, SUPPORTED_VERSIONS)
         try:
-            return cls(c)
+            g = cls(c)
+            if verify:
+                g.verify()
+            return g
         except BaseException:
             c.close()
             raise
 
-    # -- validation (header only; no blob data is read) --
-    def _validate(self) -> None:
-        p, m = self.path, self.manifest
-        if set(m) != _MANIFEST_KEYS:
-            missing = sorted(_MANIFEST_KEYS - set(m))
-            unknown = sorted(set(m) - _MANIFEST_KEYS)
-            raise FormatError(
-                f"{p}: gallery manifest keys wrong (missing {missing}, unknown {unknown})"
-            )
-        if m["kind"] != GALLERY_KIND:
-            raise _fail(p, "kind", f"is {m['kind']!r:.40}, expected {GALLERY_KIND!r}")
-        if m["format_version"] != self.version or isinstance(m["format_version"], bool):
-            raise _fail(
-                p, "format_version", f"is {m['format_version']!r:.20}, header says {self.version}"
-            )
-        if not isinstance(m["tool_version"], str) or len(m["tool_version"]) > 64:
-            raise _fail(p, "tool_version", "is not a short string")
-        fp = m["model_fingerprint"]
-        if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
-            raise _fail(p, "model_fingerprint", "is not 64 lowercase hex digits")
-        self.fingerprint: str = fp
-        self.contract = Contract.from_dict(m["contract"], f"{p} (gallery field 'contract')")
-        c = self.contract
-        n = self.n_images = _int_field(p, m, "n_images", 1, MAX_IMAGES)
-        if m["pooled_dim"] != c.pooled_dim or isinstance(m["pooled_dim"], bool):
-            raise _fail(
-                p, "pooled_dim", f"is {m['pooled_dim']!r:.20}, contract says {c.pooled_dim}"
-            )
-        lvs = m["levels"]
-        if not isinstance(lvs, list) or len(lvs) != len(c.levels):
-            raise _fail(p, "levels", f"must list the contract's {len(c.levels)} levels")
-        for i, (e, lv) in enumerate(zip(lvs, c.levels, strict=True)):
-            want = _level_entry(i, lv)
-            if not isinstance(e, dict) or set(e) != _LEVEL_KEYS:
-                raise _fail(p, f"levels[{i}]", f"must have keys {sorted(_LEVEL_KEYS)}")
-            for k, v in want.items():
-                if e[k] != v or isinstance(e[k], bool):
-                    raise _fail(p, f"levels[{i}].{k}", f"is {e[k]!r:.40}, contract says {v!r}")
-        if m["dtypes"] != {"features": FEATURE_DTYPE, "sqnorms": SQNORM_DTYPE}:
-            raise _fail(p, "dtypes", f"is {m['dtypes']!r:.80}; v1 stores <f2 features, <f4 norms")
-        if m["sources"] != _SOURCES_VALUE:
-            raise _fail(p, "sources", f"is {m['sources']!r:.80}, expected {_SOURCES_VALUE}")
-        if not isinstance(m["created"], str) or len(m["created"]) > 64:
-            raise _fail(p, "created", "is not a short string")
-        self.default_k: int = _int_field(p, m, "default_k", 1, MAX_DEFAULT_K)
-        if m["thresholds"] is not None and not isinstance(m["thresholds"], dict):
-            raise _fail(p, "thresholds", "must be null or an object")
-        self.thresholds: dict[str, Any] | None = m["thresholds"]
-        if not isinstance(m["extra"], dict):
-            raise _fail(p, "extra", "must be an object")
-        self.extra: dict[str, Any] = m["extra"]
-        self.created: str = m["created"]
-        self.tool_version: str = m["tool_version"]
-
-        expected: dict[str, tuple[str, tuple[int, ...]]] = {
-            "pooled": (FEATURE_DTYPE, (n, c.pooled_dim)),
-            "pooled_sqnorms": (SQNORM_DTYPE, (n,)),
-            "source_sha256": ("|u1", (n, 32)),
-        }
-        for i, lv in enumerate(c.levels):
-            expected[f"level{i}"] = (FEATURE_DTYPE, (n, lv.height, lv.width, lv.channels))
-            expected[f"level{i}_sqnorms"] = (SQNORM_DTYPE, (n, lv.height, lv.width))
-        info = self._c.blob_info
-        want_names = set(expected) | {"source_names"}
-        if set(info) != want_names:
-            raise FormatError(
-                f"{p}: gallery blobs wrong (missing {sorted(want_names - set(info))}, "
-                f"unknown {sorted(set(info) - want_names)})"
-            )
-        for name, (dtype, shape) in expected.items():
-            bi = info[name]
-            if bi.dtype != dtype:
-                raise FormatError(f"{p}: gallery blob {name!r} has dtype {bi.dtype}, need {dtype}")
-            if bi.shape != shape:
-                raise FormatError(
-                    f"{p}: gallery blob {name!r} has shape {list(bi.shape)}, need {list(shape)}"
-                )
-        names = info["source_names"]
-        if names.dtype != "|u1" or len(names.shape) != 1:
-            raise FormatError(f"{p}: gallery blob 'source_names' must be 1-D uint8 (UTF-8 text)")
-        self.pooled = self._c.blob("pooled")
-        self.pooled_sqnorms = self._c.blob("pooled_sqnorms")
-        self.levels = [self._c.blob(f"level{i}") for i in range(len(c.levels))]
-        self.level_sqnorms = [self._c.blob(f"level{i}_sqnorms") for i in range(len(c.levels))]
-
     # -- metadata --
     @property
     def sources(self) -> list[dict[str, str]]:
-        """``[{"name", "sha256"}]`` per image, decoded on first use (not needed for scoring)."""
+        """``[{"name", "sha256"}]`` per image, decoded on first use (not needed for scoring).
+
+        Names that are not UTF-8 come back as ``os.fsdecode`` gives them (surrogateescape)."""
         if self._sources is None:
             raw = bytes(self._c.blob("source_names"))
-            try:
-                names = raw.decode("utf-8").split("\n")
-            except UnicodeDecodeError:
-                raise FormatError(
-                    f"{self.path}: gallery blob 'source_names' is not UTF-8"
-                ) from None
+            names = raw.decode("utf-8", "surrogateescape").split("\n")
             if len(names) != self.n_images or not all(names):
                 raise FormatError(
                     f"{self.path}: gallery blob 'source_names' holds {len(names)} names "
@@ -522,35 +665,49 @@ class Gallery:
         return self._c.file_size
 
     def verify(self) -> None:
-        """Check every blob's SHA-256 (reads the whole file)."""
-        self._c.verify()
+        """Check every blob's SHA-256 and that every feature and norm is finite (reads the
+        whole file once). A file that passes is exactly what the writer wrote, and the writer
+        never writes NaN/inf, so a non-finite value can only come from a crafted file."""
+        nonfinite: set[str] = set()
+        checks: dict[str, tuple[type[np.generic], Any]] = {}
+        for i in range(len(self.contract.levels)):
+            checks[f"level{i}"] = (np.float16, _nonfinite_fp16)
+            checks[f"level{i}_sqnorms"] = (np.float32, _nonfinite_fp32)
+        checks["pooled"] = (np.float16, _nonfinite_fp16)
+        checks["pooled_sqnorms"] = (np.float32, _nonfinite_fp32)
 
-    def check_model(
-        self,
-        fingerprint: str,
-        source: str | Path,
-        parent_fingerprint: str | None = None,
-        allow_derived: bool = False,
-    ) -> None:
-        """Refuse a model other than the one that packed this gallery.
+        def check(name: str, chunk: memoryview) -> None:
+            if name in checks and name not in nonfinite:
+                dtype, bad = checks[name]
+                if bad(np.frombuffer(chunk, dtype)):
+                    nonfinite.add(name)
 
-        A derived model (fp16/INT8 of the packing model: its contract's ``parent_fingerprint``
-        equals this gallery's fingerprint) is accepted only when ``allow_derived`` is True; the
-        precision tooling decides that from the model's lineage (see docs/precision.md).
-        """
-        if fingerprint == self.fingerprint:
-            return
-        if parent_fingerprint is not None and parent_fingerprint == self.fingerprint:
-            if allow_derived:
-                return
-            raise CompatibilityError(
-                f"gallery {self.path} was packed with model {self.fingerprint}; model {source} "
-                f"({fingerprint}) is derived from it but its lineage does not allow reusing "
-                f"the gallery: repack with `spade-pack {source} ...`"
+        self._c.verify(check)
+        if nonfinite:
+            raise FormatError(
+                f"{self.path}: gallery blob(s) {sorted(nonfinite)} hold NaN/inf values "
+                "(the checksums match, so the file was written that way; repack it)"
             )
-        raise CompatibilityError(
-            f"gallery {self.path} was packed with model {self.fingerprint}, but {source} is model "
-            f"{fingerprint}: repack with `spade-pack {source} ...`"
+        self.verified = True
+
+    def data(self) -> GalleryData:
+        """The gallery's content as :class:`GalleryData` (arrays are the memory-mapped blobs,
+        not copies), verified first: it is what gets copied into new files."""
+        if not self.verified:
+            self.verify()
+        return GalleryData(
+            contract=self.contract,
+            fingerprint=self.fingerprint,
+            pooled=self.pooled,
+            pooled_sqnorms=self.pooled_sqnorms,
+            levels=list(self.levels),
+            level_sqnorms=list(self.level_sqnorms),
+            sources=self.sources,
+            default_k=self.default_k,
+            created=self.created,
+            thresholds=self.thresholds,
+            extra=self.extra,
+            path=str(self.path),
         )
 
     def close(self) -> None:
@@ -582,23 +739,20 @@ def rewrite_gallery(
 ) -> None:
     """Write ``src`` to ``dst`` (may be ``src.path``) atomically with a changed manifest.
 
-    Feature blobs are copied straight from the mapping (no re-rounding), so only the named
-    manifest fields change; everything else, including ``created``, is kept.
+    ``src`` is verified first (its blobs are copied). Feature blobs are copied straight from the
+    mapping (no re-rounding), so only the named manifest fields change; everything else,
+    including ``created``, is kept.
     """
-    _write(
-        Path(dst),
-        src.contract,
-        src.fingerprint,
-        src.pooled,
-        src.pooled_sqnorms,
-        src.levels,
-        src.level_sqnorms,
-        src.sources,
-        src.default_k if default_k is KEEP else default_k,
-        src.thresholds if thresholds is KEEP else thresholds,
-        src.extra if extra is KEEP else extra,
-        src.created,
-    )
+    p = Path(dst)
+    data = src.data()
+    changes: dict[str, Any] = {"path": str(p)}
+    if thresholds is not KEEP:
+        changes["thresholds"] = thresholds
+    if default_k is not KEEP:
+        changes["default_k"] = _check_default_k(default_k, src.n_images, p)
+    if extra is not KEEP:
+        changes["extra"] = extra or {}
+    save_gallery(p, replace(data, **changes))
 
 
 def duplicate_indices(
@@ -616,6 +770,48 @@ def duplicate_indices(
     return dup
 
 
+def appended(
+    src: Gallery,
+    pooled: np.ndarray,
+    levels: Sequence[np.ndarray],
+    sources: Sequence[dict[str, Any]],
+    *,
+    path: str | Path = "<new gallery>",
+    created: str | None = None,
+    sqnorms: tuple[np.ndarray, list[np.ndarray]] | None = None,
+) -> GalleryData:
+    """``src`` (verified first) + new images, in memory, thresholds dropped (they describe
+    ``src``'s images; recompute them on the union). A ``default_k`` that was capped by a small
+    base grows with the gallery up to ``DEFAULT_K``."""
+    p = Path(path)
+    base = src.data()
+    new = prepare_gallery(
+        p, src.contract, src.fingerprint, pooled, levels, sources, sqnorms=sqnorms
+    )
+    n = base.n_images + new.n_images
+    if n > MAX_IMAGES:
+        raise InputError(f"{p}: {n} images; a gallery holds at most {MAX_IMAGES}")
+    default_k = base.default_k
+    if default_k < DEFAULT_K and default_k == base.n_images:
+        default_k = min(DEFAULT_K, n)
+    return GalleryData(
+        contract=base.contract,
+        fingerprint=base.fingerprint,
+        pooled=np.concatenate([base.pooled, new.pooled]),
+        pooled_sqnorms=np.concatenate([base.pooled_sqnorms, new.pooled_sqnorms]),
+        levels=[np.concatenate(ab) for ab in zip(base.levels, new.levels, strict=True)],
+        level_sqnorms=[
+            np.concatenate(ab) for ab in zip(base.level_sqnorms, new.level_sqnorms, strict=True)
+        ],
+        sources=_check_sources(base.sources + new.sources, n, p),
+        default_k=default_k,
+        created=created or utc_timestamp(),
+        thresholds=None,
+        extra=base.extra,
+        path=str(p),
+    )
+
+
 def append_gallery(
     src: Gallery,
     dst: str | Path,
@@ -628,30 +824,13 @@ def append_gallery(
 
     The new features must come from the same model (the caller checks the fingerprint) and
     must not repeat content already present (InputError; filter with :func:`duplicate_indices`
-    first to skip instead). Existing fp16 features and norms are copied unchanged.
-    Returns the new image count.
+    first to skip instead). Existing fp16 features and norms are copied unchanged, after
+    verifying them. The result has no thresholds (recompute them on the union: the packer
+    does). Returns the new image count.
     """
-    p = Path(dst)
-    (new16, new_sq), new_levels = _prepare_features(p, src.contract, pooled, levels)
-    srcs = _check_sources(list(src.sources) + list(sources), src.n_images + len(new16), p)
-    n = src.n_images + len(new16)
-    if n > MAX_IMAGES:
-        raise InputError(f"{p}: {n} images; a gallery holds at most {MAX_IMAGES}")
-    _write(
-        p,
-        src.contract,
-        src.fingerprint,
-        np.concatenate([src.pooled, new16]),
-        np.concatenate([src.pooled_sqnorms, new_sq]),
-        [np.concatenate([a, h]) for a, (h, _) in zip(src.levels, new_levels, strict=True)],
-        [np.concatenate([a, sq]) for a, (_, sq) in zip(src.level_sqnorms, new_levels, strict=True)],
-        srcs,
-        src.default_k,
-        src.thresholds,
-        src.extra,
-        created or _utc_now(),
-    )
-    return n
+    data = appended(src, pooled, levels, sources, path=dst, created=created)
+    save_gallery(dst, data)
+    return data.n_images
 
 
 def describe(g: Gallery) -> dict[str, Any]:
@@ -682,15 +861,24 @@ def describe(g: Gallery) -> dict[str, Any]:
 
 
 __all__ = [
+    "DEFAULT_K",
     "GALLERY_MAGIC",
     "GALLERY_VERSION",
     "KEEP",
     "Gallery",
+    "GalleryData",
+    "GalleryHeader",
+    "InMemoryGallery",
     "append_gallery",
+    "appended",
     "bytes_per_image",
+    "check_source_name",
     "describe",
     "duplicate_indices",
+    "encode_name",
+    "prepare_gallery",
     "rewrite_gallery",
+    "save_gallery",
     "sqnorms_fp16",
     "write_gallery",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spade_edge.runtime.contract import (
     METADATA_CONTRACT_KEY,
@@ -11,6 +13,7 @@ from spade_edge.runtime.contract import (
     Contract,
 )
 from spade_edge.runtime.errors import FormatError, InputError
+from spade_edge.runtime.fileio import is_sha256_hex
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,16 @@ def contract_from_metadata(meta: dict[str, str], source: str) -> tuple[Contract,
             "export it with spade-export"
         )
     fp = meta[METADATA_FINGERPRINT_KEY]
-    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+    if not is_sha256_hex(fp):
         raise FormatError(f"{source}: malformed model fingerprint {fp!r}")
     return Contract.from_json(meta[METADATA_CONTRACT_KEY], source), fp
+
+
+def graph_fingerprint(model_proto: Any) -> str:
+    """The model fingerprint: SHA-256 hex of the deterministic serialisation of an ONNX
+    ``ModelProto``'s graph (weights included; metadata lives outside ``graph``, so adding the
+    contract or a lineage record does not change it). Duck-typed: no onnx import here."""
+    return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def read_model_info(path: str | Path) -> ModelInfo:

@@ -48,7 +48,7 @@ def main() -> None:
         tests += sorted(sub.glob("*.png"))[: a.per_class]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "g.bin"
-        pack(a.model, train, out, progress=False)
+        pack(a.model, train, out, progress=False, far=0)
         g = Gallery.open(out)
         runner = OrtRunner(a.model)
         cpu = NumpyMatcher(g, k_image=a.k, k_gallery=a.k)

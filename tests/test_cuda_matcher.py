@@ -409,7 +409,7 @@ def test_real_bottle_features(gpu: GpuEnv, request, tmp_path) -> None:
     real = gpu.kind == "pycuda"
     train = sorted((bottle_dir / "train" / "good").glob("*.png"))[:60]
     out = tmp_path / "bottle.gallery"
-    pack(model, train, out, progress=False)
+    pack(model, train, out, progress=False, far=0)
     g = Gallery.open(out)
     runner = OrtRunner(model)
     tests = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[: 2 if real else 1]

@@ -20,10 +20,10 @@ from spade_edge.runtime.engine_file import (
     describe,
     normalize_compute_capability,
     read_engine_file,
-    write_bytes_atomic,
     write_engine_file,
 )
 from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.fileio import write_atomic
 
 FP = "ab" * 32
 PLAN = bytes(range(256)) * 40  # 10 KiB of non-trivial bytes
@@ -273,7 +273,9 @@ def test_derived_engine_exposes_parent_fingerprint(tmp_path: Path) -> None:
 
 
 def test_gallery_of_another_model_is_refused(engine: Path, tmp_path: Path) -> None:
-    """The engine exposes the model fingerprint; the gallery's check_model refuses a mismatch."""
+    """The engine exposes the model fingerprint; the compatibility rule refuses a mismatch."""
+    from spade_edge.runtime.compat import check_gallery
+
     gallery_mod = pytest.importorskip("spade_edge.runtime.gallery")
     c = tiny_contract(32)
     rng = np.random.default_rng(0)
@@ -283,24 +285,29 @@ def test_gallery_of_another_model_is_refused(engine: Path, tmp_path: Path) -> No
     other_fp = "ef" * 32
     sources = [{"name": f"{i}.png", "sha256": f"{i:064x}"} for i in range(2)]
     gallery_mod.write_gallery(gpath, c, other_fp, pooled, levels, sources=sources)
-    gal = gallery_mod.Gallery.open(gpath)
-    with read_engine_file(engine) as ef, pytest.raises(CompatibilityError) as ei:
-        gal.check_model(ef.fingerprint, str(engine))
+    with (
+        gallery_mod.Gallery.open(gpath) as gal,
+        read_engine_file(engine) as ef,
+        pytest.raises(CompatibilityError) as ei,
+    ):
+        check_gallery(gal, ef, str(engine))
     assert FP in str(ei.value) or FP[:12] in str(ei.value)
     assert other_fp in str(ei.value) or other_fp[:12] in str(ei.value)
     with read_engine_file(engine) as ef:
         # same fingerprint: accepted
         gallery_mod.write_gallery(gpath, c, ef.fingerprint, pooled, levels, sources=sources)
-        gallery_mod.Gallery.open(gpath).check_model(ef.fingerprint, str(engine))
+        with gallery_mod.Gallery.open(gpath) as gal:
+            assert check_gallery(gal, ef, str(engine)) is False  # the packing model itself
 
 
-def test_write_bytes_atomic(tmp_path: Path) -> None:
+def test_write_atomic_raw_bytes(tmp_path: Path) -> None:
+    """Raw plans and timing caches go through fileio.write_atomic (bytes or memoryview)."""
     p = tmp_path / "raw.plan"
-    write_bytes_atomic(p, b"abc")
-    write_bytes_atomic(p, memoryview(b"defg"))
+    write_atomic(p, b"abc")
+    write_atomic(p, memoryview(b"defg"))
     assert p.read_bytes() == b"defg"
     with pytest.raises(InputError, match="cannot write"):
-        write_bytes_atomic(tmp_path / "missing" / "x.plan", b"x")
+        write_atomic(tmp_path / "missing" / "x.plan", b"x")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["raw.plan"]
 
 

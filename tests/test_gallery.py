@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tiny_model import tiny_contract
 
 from spade_edge.runtime.contract import Contract
-from spade_edge.runtime.errors import CompatibilityError, FormatError, InputError
+from spade_edge.runtime.errors import FormatError, InputError
 from spade_edge.runtime.gallery import (
     Gallery,
     append_gallery,
@@ -334,26 +334,6 @@ def test_writer_refuses_bad_features(tmp_path: Path, contract: Contract) -> None
     with pytest.raises(InputError, match="default_k"):
         write_gallery(p, contract, FP_A, f["pooled"], f["levels"], f["sources"], default_k=0)
     assert not p.exists()
-
-
-# ---------------------------------------------------------------------------- model checks
-
-
-def test_check_model(gal: tuple[Path, dict[str, Any]]) -> None:
-    p, _ = gal
-    with Gallery.open(p) as g:
-        g.check_model(FP_A, "a.onnx")
-        with pytest.raises(CompatibilityError) as e:
-            g.check_model(FP_B, "b.onnx")
-        msg = str(e.value)
-        assert FP_A in msg and FP_B in msg and str(p) in msg and "b.onnx" in msg
-        assert "spade-pack" in msg
-        # a derived model (fp16/int8 of model A) only with the lineage's permission
-        with pytest.raises(CompatibilityError, match="derived"):
-            g.check_model(FP_B, "b16.onnx", parent_fingerprint=FP_A)
-        g.check_model(FP_B, "b16.onnx", parent_fingerprint=FP_A, allow_derived=True)
-        with pytest.raises(CompatibilityError):  # derived from another model: never
-            g.check_model(FP_B, "c.onnx", parent_fingerprint=FP_B, allow_derived=True)
 
 
 # --------------------------------------------------------------------------- rewrite/append

@@ -15,15 +15,11 @@ from spade_edge.calibration.lineage import (
     METADATA_LINEAGE_KEY,
     Lineage,
     accuracy_check,
-    check_gallery_for_model,
-    gallery_accepts,
-    gallery_decision,
     read_lineage,
-    same_features,
     set_lineage,
     spade_scores,
 )
-from spade_edge.runtime.contract import METADATA_FINGERPRINT_KEY
+from spade_edge.runtime.compat import check_gallery, judge, same_features
 from spade_edge.runtime.errors import CompatibilityError, FormatError
 from spade_edge.runtime.gallery import Gallery, write_gallery
 from spade_edge.runtime.model_meta import read_model_info
@@ -67,6 +63,16 @@ def family(tiny_onnx: Path, tmp_path: Path) -> dict[str, Path]:
     return {"parent": tiny_onnx, "child": child, "gallery": gal, "normal": normal}
 
 
+def gallery_accepts(gallery_fp: str, info, metadata=None) -> bool:
+    """The rule on a fingerprint alone (no gallery contract) for a model's info/metadata."""
+    model = info if metadata is None else replace(info, metadata=metadata)
+    return judge(gallery_fp, None, model).accepted
+
+
+def check_gallery_for_model(gallery: Gallery, model: Path) -> bool:
+    return check_gallery(gallery, read_model_info(model), str(model))
+
+
 def _edit_lineage(src: Path, dst: Path, **changes) -> Path:
     m = onnx.load(str(src))
     props = {p.key: p.value for p in m.metadata_props}
@@ -81,16 +87,9 @@ def test_parent_gallery_accepted_by_passed_child(family):
     try:
         child = read_model_info(family["child"])
         assert read_lineage(child.metadata).passed  # the fixture's premise
-        assert gallery_accepts(g.fingerprint, child.contract, child.metadata)
+        assert gallery_accepts(g.fingerprint, child)
         assert check_gallery_for_model(g, family["child"]) is True
         assert check_gallery_for_model(g, family["parent"]) is False  # same model, not derived
-        # the gallery's own check agrees when given our decision
-        g.check_model(
-            child.fingerprint,
-            str(family["child"]),
-            parent_fingerprint=child.contract.parent_fingerprint,
-            allow_derived=gallery_accepts(g.fingerprint, child.contract, child.metadata),
-        )
     finally:
         g.close()
 
@@ -110,9 +109,9 @@ def test_child_refused_unless_lineage_says_so(family, tmp_path: Path, changes, r
     info = read_model_info(bad)
     g = Gallery.open(family["gallery"])
     try:
-        ok, why = gallery_decision(g.fingerprint, info.contract, info.metadata)
-        assert not ok and reason in why
-        assert not gallery_accepts(g.fingerprint, info.contract, info.metadata)
+        v = judge(g.fingerprint, g.contract, info)
+        assert not v.accepted and reason in v.reason
+        assert not gallery_accepts(g.fingerprint, info)
         with pytest.raises(CompatibilityError) as e:
             check_gallery_for_model(g, bad)
         msg = str(e.value)
@@ -127,11 +126,11 @@ def test_missing_or_corrupt_lineage_refused(family, tmp_path: Path):
     info = read_model_info(family["child"])
     parent_fp = info.contract.parent_fingerprint
     no_lineage = {k: v for k, v in props.items() if k != METADATA_LINEAGE_KEY}
-    assert not gallery_accepts(parent_fp, info.contract, no_lineage)
-    assert "no lineage" in gallery_decision(parent_fp, info.contract, no_lineage)[1]
+    assert not gallery_accepts(parent_fp, info, no_lineage)
+    assert "no lineage" in judge(parent_fp, None, replace(info, metadata=no_lineage)).reason
     for junk in ("{not json", "[]", json.dumps({"version": 99}), json.dumps({"version": 1})):
         meta = {**props, METADATA_LINEAGE_KEY: junk}
-        assert not gallery_accepts(parent_fp, info.contract, meta)
+        assert not gallery_accepts(parent_fp, info, meta)
 
 
 def test_other_models_refused(family, tmp_path: Path):
@@ -141,7 +140,7 @@ def test_other_models_refused(family, tmp_path: Path):
     g = Gallery.open(family["gallery"])
     try:
         oi = read_model_info(other)
-        assert not gallery_accepts(g.fingerprint, oi.contract, oi.metadata)
+        assert not gallery_accepts(g.fingerprint, oi)
         with pytest.raises(CompatibilityError, match="spade-pack"):
             check_gallery_for_model(g, other)
         # a different image size: features not comparable, refused before any lineage logic
@@ -152,7 +151,7 @@ def test_other_models_refused(family, tmp_path: Path):
         child_other = convert_fp16(other, tmp_path / "other.fp16.onnx", check_dir=family["normal"])
         ci = read_model_info(child_other)
         assert read_lineage(ci.metadata).passed
-        assert not gallery_accepts(g.fingerprint, ci.contract, ci.metadata)
+        assert not gallery_accepts(g.fingerprint, ci)
     finally:
         g.close()
 
@@ -160,9 +159,9 @@ def test_other_models_refused(family, tmp_path: Path):
 def test_same_model_accepted_without_lineage(family):
     info = read_model_info(family["parent"])
     assert read_lineage(info.metadata) is None
-    assert gallery_accepts(info.fingerprint, info.contract, info.metadata)
-    meta = {METADATA_FINGERPRINT_KEY: "2" * 64}
-    assert not gallery_accepts(info.fingerprint, info.contract, meta)
+    assert gallery_accepts(info.fingerprint, info)
+    other = replace(info, fingerprint="2" * 64, metadata={})
+    assert not gallery_accepts(info.fingerprint, other)
 
 
 def test_same_features_ignores_only_precision_fields(tiny_onnx: Path):

@@ -80,7 +80,7 @@ def test_product_matches_oracle(k: int, lite0_onnx: Path, bottle_dir: Path, tmp_
         bottle_dir / "test" / "contamination" / "003.png",
     ]
     gpath = tmp_path / "g.bin"
-    pack(lite0_onnx, train, gpath, progress=False)
+    pack(lite0_onnx, train, gpath, progress=False, far=0)
 
     runner = OrtRunner(lite0_onnx)
     c = runner.contract

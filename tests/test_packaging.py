@@ -25,7 +25,7 @@ LEAN_MODULES = [
     "spade_edge.cli.bench",
     "spade_edge.cli.threshold",
     "spade_edge.cli.app",  # every command: `spade --help` loads no torch
-    "spade_edge.calibration.thresholds",
+    "spade_edge.runtime.thresholds",
 ]
 
 

@@ -35,12 +35,12 @@ def _images(folder: Path, n: int, seed: int, size: tuple[int, int] = (40, 48)) -
 
 @pytest.fixture()
 def packed(tiny_onnx: Path, tmp_path: Path) -> tuple[Path, Path]:
-    from spade_edge.calibration.thresholds import calibrate_gallery
     from spade_edge.runtime.packer import pack
+    from spade_edge.runtime.thresholds import calibrate_gallery
 
     train = _images(tmp_path / "train", 12, seed=0)
     g = tmp_path / "g.bin"
-    pack(tiny_onnx, train, g, progress=False)
+    pack(tiny_onnx, train, g, progress=False, far=0)
     calibrate_gallery(g, k_image=3, k_gallery=3)
     return tiny_onnx, g
 
@@ -165,11 +165,11 @@ def test_k_validation_and_stale_thresholds(packed) -> None:
 
 
 def test_thresholds_need_enough_images(tiny_onnx: Path, tmp_path: Path) -> None:
-    from spade_edge.calibration.thresholds import calibrate_gallery
     from spade_edge.runtime.packer import pack
+    from spade_edge.runtime.thresholds import calibrate_gallery
 
     g = tmp_path / "small.bin"
-    pack(tiny_onnx, _images(tmp_path / "few", 4, seed=1), g, progress=False)
+    pack(tiny_onnx, _images(tmp_path / "few", 4, seed=1), g, progress=False, far=0)
     with pytest.raises(CalibrationError, match="need >= 10"):
         calibrate_gallery(g)
 

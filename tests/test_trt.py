@@ -223,15 +223,15 @@ def test_fp16_graph_builds_as_fp16(fake: SimpleNamespace, tiny: Path, tmp_path: 
         assert ef.fingerprint != ef.parent_fingerprint
         assert [t.dtype for t in ef.inputs] == ["float32"]  # fp32 I/O kept
     # the lineage travels into the engine: same gallery-reuse decision as for the ONNX
-    from spade_edge.calibration.lineage import gallery_accepts
+    from spade_edge.runtime.compat import judge
 
     onnx_info = read_model_info(f16)
     r = open_runner(tmp_path / "f16.engine")
     try:
         assert r.metadata["spade_edge.lineage"] == onnx_info.metadata["spade_edge.lineage"]
-        parent = read_model_info(tiny).fingerprint
-        assert gallery_accepts(parent, r.contract, r.metadata) == gallery_accepts(
-            parent, onnx_info.contract, onnx_info.metadata
+        parent = read_model_info(tiny)
+        assert judge(parent.fingerprint, parent.contract, r) == judge(
+            parent.fingerprint, parent.contract, onnx_info
         )
     finally:
         r.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spade_edge.runtime.container import ENGINE_MAGIC
 from spade_edge.runtime.errors import InputError
 from spade_edge.runtime.registry import load_backend
 from spade_edge.runtime.runners.base import Features, Runner
@@ -21,7 +22,7 @@ RUNNERS: dict[str, str] = {
 }
 
 #: file magic -> backend that ``auto`` picks for it. ONNX files (protobuf) have no magic.
-AUTO_BY_MAGIC: dict[bytes, str] = {b"SPADEENG": "trt"}
+AUTO_BY_MAGIC: dict[bytes, str] = {ENGINE_MAGIC: "trt"}
 AUTO_DEFAULT = "ort"
 
 

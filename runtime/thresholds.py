@@ -10,6 +10,10 @@ inference is needed), which gives the distribution of scores of *normal* parts:
 
 Quantiles use the "higher" method (never interpolate below an observed normal score). With N normal
 images the smallest meaningful ``far`` is about 1/N.
+
+Lives in the runtime because the packer (thresholds are part of a complete gallery, written in the
+same atomic write as the features), the Detector (are the stored thresholds still this gallery's?)
+and the service all need it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from spade_edge.runtime import __version__
 from spade_edge.runtime.errors import CalibrationError
+from spade_edge.runtime.matchers.base import DEFAULT_SIGMA
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 
 DEFAULT_FAR = 0.01
@@ -31,7 +37,7 @@ def leave_one_out_scores(
     gallery: Any,
     k_image: int,
     k_gallery: int,
-    sigma: float = 4.0,
+    sigma: float = DEFAULT_SIGMA,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and map maxima of every gallery image against the rest."""
@@ -57,6 +63,11 @@ def leave_one_out_scores(
         maxima[i] = float(s.anomaly_map.max())
         if progress:
             progress(1)
+    if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
+        raise CalibrationError(
+            f"{gallery.path}: leave-one-out scores are not finite (corrupt features?); "
+            "check the gallery with spade-inspect --verify"
+        )
     return scores, maxima
 
 
@@ -73,23 +84,21 @@ def thresholds_from_normal(
     }
 
 
-def calibrate_gallery(
-    gallery_path: str | Path,
-    out: str | Path | None = None,
+def compute_thresholds(
+    gallery: Any,
     far: float = DEFAULT_FAR,
     k_image: int | None = None,
     k_gallery: int | None = None,
-    sigma: float = 4.0,
+    sigma: float = DEFAULT_SIGMA,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Compute thresholds and store them in the gallery (a new file, written atomically)."""
-    from spade_edge.runtime import __version__
-    from spade_edge.runtime.gallery import Gallery, rewrite_gallery
-
-    g = Gallery.open(gallery_path)
-    k_i = k_image or g.default_k
-    k_g = k_gallery or g.default_k
-    scores, maxima = leave_one_out_scores(g, k_i, k_g, sigma, progress)
+    """The ``thresholds`` record of a gallery (open ``Gallery`` or ``InMemoryGallery``; K
+    defaults to its ``default_k``): quantiles plus how they were obtained."""
+    if not 0.0 < far < 1.0:  # before the O(N²) work
+        raise CalibrationError(f"false-alarm rate must be in (0, 1), got {far}")
+    k_i = k_image or gallery.default_k
+    k_g = k_gallery or gallery.default_k
+    scores, maxima = leave_one_out_scores(gallery, k_i, k_g, sigma, progress)
     th: dict[str, Any] = thresholds_from_normal(scores, maxima, far)
     th.update(
         {
@@ -98,11 +107,61 @@ def calibrate_gallery(
             "k_image": k_i,
             "k_gallery": k_g,
             "sigma": sigma,
-            "n_normal": int(g.n_images),
+            "n_normal": int(gallery.n_images),
             "normal_score_mean": float(scores.mean()),
             "normal_score_max": float(scores.max()),
             "tool_version": __version__,
         }
     )
-    rewrite_gallery(g, out or gallery_path, thresholds=th)
     return th
+
+
+def calibrate_gallery(
+    gallery_path: str | Path,
+    out: str | Path | None = None,
+    far: float = DEFAULT_FAR,
+    k_image: int | None = None,
+    k_gallery: int | None = None,
+    sigma: float = DEFAULT_SIGMA,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Compute thresholds and store them in the gallery (a new file, written atomically).
+
+    The blobs are copied into the new file, so they are verified first (a corrupt gallery must
+    never come out with fresh, valid checksums).
+    """
+    from spade_edge.runtime.gallery import Gallery, rewrite_gallery
+
+    with Gallery.open(gallery_path, verify=True) as g:
+        th = compute_thresholds(g, far, k_image, k_gallery, sigma, progress)
+        rewrite_gallery(g, out or gallery_path, thresholds=th)
+    return th
+
+
+def thresholds_problem(gallery: Any) -> str | None:
+    """Why a gallery's stored thresholds do not describe it (None when they do, or it has none).
+
+    Thresholds are quantiles over the gallery's own normal images; after images were added
+    (``n_normal`` ≠ image count) they belong to another gallery.
+    """
+    th = getattr(gallery, "thresholds", None)
+    if not th:
+        return None
+    n = th.get("n_normal")
+    if n is not None and n != gallery.n_images:
+        return (
+            f"stored thresholds were calibrated on {n} normal images, the gallery has "
+            f"{gallery.n_images} (recalibrate with spade-threshold)"
+        )
+    return None
+
+
+__all__ = [
+    "DEFAULT_FAR",
+    "MIN_IMAGES",
+    "calibrate_gallery",
+    "compute_thresholds",
+    "leave_one_out_scores",
+    "thresholds_from_normal",
+    "thresholds_problem",
+]
