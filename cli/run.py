@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,6 +82,8 @@ def run(
     ] = None,
 ) -> None:
     """Score images against normal parts: score, verdict and anomaly map per image."""
+    # the CLI prints the Detector's warnings itself; keep its log records from printing twice
+    logging.getLogger("spade_edge.runtime.detector").addHandler(logging.NullHandler())
     paths = list_images(images)
     if out is not None:
         try:
@@ -112,6 +115,8 @@ def run(
         )
     elif det.threshold is None:
         warn(f"{gallery}: no thresholds stored; scores only (pass --threshold or calibrate)")
+    elif det.thresholds_warning and threshold is None:
+        warn(f"{gallery}: {det.thresholds_warning}")
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     failed = 0

@@ -111,14 +111,7 @@ class Detector:
             th.get("k_image", matcher.k_image) == matcher.k_image
             and th.get("k_gallery", matcher.k_gallery) == matcher.k_gallery
         )
-        #: why the stored thresholds are not applied (None when they are, or there are none)
-        self.thresholds_problem: str | None = thresholds_problem(gallery) or (
-            None
-            if same_k
-            else "stored thresholds were calibrated for other K values "
-            "(recalibrate with spade-threshold)"
-        )
-        usable = self.thresholds_problem is None
+        usable = same_k
         self.threshold = (
             threshold if threshold is not None else (th.get("image") if usable else None)
         )
@@ -128,10 +121,11 @@ class Detector:
             else (th.get("pixel") if usable else None)
         )
         self.thresholds_stale = bool(th) and not usable and threshold is None
-        if self.thresholds_stale:
-            log.warning(
-                "%s: %s; no verdicts", getattr(gallery, "path", "gallery"), self.thresholds_problem
-            )
+        #: why the stored thresholds (still applied) may not describe this gallery, e.g. images
+        #: were added after calibration; None when they do. Logged once here.
+        self.thresholds_warning: str | None = thresholds_problem(gallery) if usable else None
+        if self.thresholds_warning and threshold is None:
+            log.warning("%s: %s", getattr(gallery, "path", "gallery"), self.thresholds_warning)
         safe = getattr(runner, "thread_safe", runner.name == "ort") and getattr(
             matcher, "thread_safe", False
         )

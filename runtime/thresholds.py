@@ -150,8 +150,8 @@ def thresholds_problem(gallery: Any) -> str | None:
     n = th.get("n_normal")
     if n is not None and n != gallery.n_images:
         return (
-            f"stored thresholds were calibrated on {n} normal images, the gallery has "
-            f"{gallery.n_images} (recalibrate with spade-threshold)"
+            f"stored thresholds were calibrated on {n} normal images but the gallery has "
+            f"{gallery.n_images}; verdicts use them anyway (recalibrate with spade-threshold)"
         )
     return None
 

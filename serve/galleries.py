@@ -11,7 +11,6 @@ new version and serves it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,19 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from spade_edge.runtime.errors import InputError
-from spade_edge.runtime.fileio import atomic_path
+from spade_edge.runtime.fileio import atomic_path, file_sha256
 from spade_edge.runtime.gallery import Gallery, append_gallery, rewrite_gallery
 from spade_edge.serve.archive import connect, utc_now
 from spade_edge.serve.errors import ConflictError, NotFoundError
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,10 +159,7 @@ class GalleryStore:
     def resume(self, gallery: Path) -> tuple[Version | None, str]:
         """The recorded current version if ``gallery`` (by content) is the file this archive
         was started with before (None otherwise), and the file's SHA-256."""
-        try:
-            sha = file_sha256(gallery)
-        except OSError as e:
-            raise InputError(f"{gallery}: cannot read gallery ({e.strerror or e})") from None
+        sha = file_sha256(gallery)
         cur = self.current()
         origin = self._con.execute(
             "SELECT value FROM meta WHERE key='gallery_origin_sha256'"
@@ -240,34 +227,14 @@ class GalleryStore:
 
 def recompute_thresholds(g: Gallery, far: float | None = None) -> dict[str, Any]:
     """Leave-one-out thresholds over the whole gallery, same K/sigma/far as before."""
-    from spade_edge.calibration.thresholds import (
-        DEFAULT_FAR,
-        leave_one_out_scores,
-        thresholds_from_normal,
-    )
-    from spade_edge.runtime import __version__
+    from spade_edge.runtime.thresholds import DEFAULT_FAR, compute_thresholds
 
     old = g.thresholds or {}
     k_i = int(old.get("k_image", g.default_k))
     k_g = int(old.get("k_gallery", g.default_k))
     sigma = float(old.get("sigma", 4.0))
     f = far if far is not None else float(old.get("far", DEFAULT_FAR))
-    scores, maxima = leave_one_out_scores(g, k_i, k_g, sigma)
-    th: dict[str, Any] = thresholds_from_normal(scores, maxima, f)
-    th.update(
-        {
-            "far": f,
-            "method": "leave-one-out",
-            "k_image": k_i,
-            "k_gallery": k_g,
-            "sigma": sigma,
-            "n_normal": int(g.n_images),
-            "normal_score_mean": float(scores.mean()),
-            "normal_score_max": float(scores.max()),
-            "tool_version": __version__,
-        }
-    )
-    return th
+    return compute_thresholds(g, f, k_i, k_g, sigma)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

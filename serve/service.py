@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from spade_edge.runtime.detector import Detector, check_pair, project_to_original
+from spade_edge.runtime.compat import check_gallery
+from spade_edge.runtime.detector import Detector, project_to_original
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.gallery import Gallery, duplicate_indices
 from spade_edge.runtime.matchers import open_matcher
@@ -147,7 +148,7 @@ class InspectionService:
         assert self._runner is not None
         g = Gallery.open(path, verify=self.config.verify)
         try:
-            check_pair(self._runner, g, str(self.config.model))
+            check_gallery(g, self._runner, str(self.config.model))
             k = self.config.k or g.default_k
             try:
                 m = open_matcher(g, self.config.matcher, k_image=k, k_gallery=k)

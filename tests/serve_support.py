@@ -39,8 +39,7 @@ def defect_array(size: tuple[int, int] = (40, 48)) -> np.ndarray:
 
 
 def make_gallery(model: Path, folder: Path, n: int = 12) -> Path:
-    """Pack ``n`` synthetic normal images with the tiny model and calibrate (K=3)."""
-    from spade_edge.calibration.thresholds import calibrate_gallery
+    """Pack ``n`` synthetic normal images with the tiny model, thresholds included (K=3)."""
     from spade_edge.runtime.packer import pack
 
     train = folder / "train"
@@ -51,8 +50,8 @@ def make_gallery(model: Path, folder: Path, n: int = 12) -> Path:
         Image.fromarray(normal_array(i)).save(p)
         paths.append(p)
     g = folder / "gallery.bin"
-    pack(model, paths, g, progress=False, default_k=K)
-    calibrate_gallery(g, k_image=K, k_gallery=K)
+    rep = pack(model, paths, g, progress=False, default_k=K)
+    assert rep.thresholds is not None and rep.thresholds["k_image"] == K
     return g
 
 
