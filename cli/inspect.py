@@ -19,7 +19,7 @@ from rich.table import Table
 
 from spade_edge.cli._common import make_main
 from spade_edge.runtime import engine_file
-from spade_edge.runtime.container import describe_foreign, peek_magic
+from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
 from spade_edge.runtime.gallery import Gallery, describe
 from spade_edge.runtime.model_meta import read_model_info
@@ -83,8 +83,8 @@ def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
 
 #: magic -> (kind, inspector). ONNX files are protobuf and have no magic: the fallback.
 INSPECTORS: dict[bytes, tuple[str, Callable[[Path, bool], dict[str, Any]]]] = {
-    b"SPADEGAL": ("gallery", inspect_gallery),
-    b"SPADEENG": ("engine", inspect_engine),
+    GALLERY_MAGIC: ("gallery", inspect_gallery),
+    ENGINE_MAGIC: ("engine", inspect_engine),
 }
 
 
