@@ -24,13 +24,11 @@ FIELDS = ("score", "threshold", "anomalous", "map_max", "pixel_threshold", "defe
 
 @pytest.mark.slow
 def test_inspect_equals_spade_run_json(lite0_onnx: Path, bottle_dir: Path, tmp_path: Path) -> None:
-    from spade_edge.calibration.thresholds import calibrate_gallery
     from spade_edge.runtime.packer import pack
 
     train = sorted((bottle_dir / "train" / "good").glob("*.png"))[:24]
     gallery = tmp_path / "g.bin"
-    pack(lite0_onnx, train, gallery, progress=False)
-    calibrate_gallery(gallery)
+    pack(lite0_onnx, train, gallery, progress=False)  # thresholds included
     images = [
         *sorted((bottle_dir / "test" / "good").glob("*.png"))[:2],
         *sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2],
