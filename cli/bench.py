@@ -11,12 +11,15 @@ import numpy as np
 import typer
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spade_edge.cli._common import atomic_write_text, make_main
 from spade_edge.export.demo import make_part
 from spade_edge.export.onnx_export import export_onnx
-from spade_edge.runtime.bench import bench_cpu, gemm_gflops
+from spade_edge.export.torch_reference import compare_torch
+from spade_edge.runtime.autoselect import select
+from spade_edge.runtime.bench import bench_cpu, matrix_peaks
 from spade_edge.runtime.errors import BackendUnavailableError
 from spade_edge.runtime.matchers import cuda_bench
 
@@ -58,8 +61,28 @@ def bench(
     ] = None,
     repeats: Annotated[int, typer.Option(min=1)] = 5,
     matcher: Annotated[
-        str, typer.Option(help="numpy (CPU pipeline) or cuda (device times).")
-    ] = "numpy",
+        str,
+        typer.Option(
+            help="CPU: end-to-end matcher (auto, numpy, exact-int8, exact-bf16); "
+            "cuda: device times."
+        ),
+    ] = "auto",
+    compare_torch_: Annotated[
+        bool,
+        typer.Option(
+            "--compare-torch",
+            help="Also time a plain torch reference of the protocol (needs [export]) and the "
+            "exact/bf16 configurations, interleaved in one run; prints the speed-ups.",
+        ),
+    ] = False,
+    images: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="--compare-torch: test images per repeat (torch runs them in batches of 8), "
+            "taken from the --image's folder tree.",
+        ),
+    ] = 8,
     backbone: Annotated[
         list[str] | None,
         typer.Option(help="CUDA: backbone shapes to time (wrn50, efficientnet_lite0)."),
@@ -72,9 +95,16 @@ def bench(
     ] = True,
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
-    """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / GEMM rate."""
+    """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / fastest unit."""
     ks = tuple(k or (5, 50))
     con = Console(width=max(120, Console().width))
+    selection = select().to_dict()
+    con.print(
+        f"auto-selection: backend {selection['backend']}, matcher {selection['matcher']} "
+        f"({selection['reason']}); CPU units {selection['cpu']['matrix_flags']} "
+        f"from {selection['cpu']['source']}",
+        markup=False,
+    )
     if matcher == "cuda":
         shapes = [cuda_bench.BACKBONES[b] for b in (backbone or ["wrn50", "efficientnet_lite0"])]
         variants: list[int | None] = [None, 128, 64, 32, 16] if sweep else [None]
@@ -94,25 +124,81 @@ def bench(
             if not models:
                 models = [_export(b, Path(tmp)) for b in ("wrn50", "efficientnet_lite0")]
             img = image or _synthetic_image(Path(tmp))
-            rate = gemm_gflops()
+            peaks = matrix_peaks()
+            con.print(
+                "matrix-unit peaks (GOP/s): "
+                + ", ".join(f"{u} {peaks[u]:.0f}" for u in ("fp32", "int8", "bf16") if u in peaks)
+                + (f" (bf16 hint ran as {peaks['bf16_runs']})" if "bf16_runs" in peaks else "")
+                + f"; floor uses {peaks['best']}",
+                markup=False,
+            )
             rows = []
             for m in models:
                 rows += bench_cpu(
-                    m, img, ks=ks, n_gallery=n_gallery or 64, repeats=repeats, gemm_rate=rate
+                    m,
+                    img,
+                    ks=ks,
+                    n_gallery=n_gallery or 64,
+                    repeats=repeats,
+                    peaks=peaks,
+                    matcher=matcher,
                 )
-    if rows:
-        keys = list(dict.fromkeys(key for r in rows for key in r))
+            if compare_torch_:
+                rows += _compare(models, img, images, ks, n_gallery or 64, repeats, con)
+    stage_rows = [r for r in rows if "table" not in r]
+    if stage_rows:
+        keys = list(dict.fromkeys(key for r in stage_rows for key in r))
         t = Table(title=f"spade-bench ({matcher}), medians of {repeats}")
         t.add_column("stage")
-        for r in rows:
+        for r in stage_rows:
             t.add_column(f"{r.get('backbone', '')} K={r.get('k', '')}", justify="right")
         for key in keys:
             if key in ("backbone", "k"):
                 continue
-            t.add_row(key, *[_fmt(r.get(key)) for r in rows])
+            t.add_row(key, *[_fmt(r.get(key)) for r in stage_rows])
         con.print(t)
     if json_out:
-        atomic_write_text(json_out, json.dumps(rows, indent=2) + "\n")
+        report = {"auto_selection": selection, "rows": rows}
+        atomic_write_text(json_out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def _compare(
+    models: list[Path],
+    img: Path,
+    n_images: int,
+    ks: tuple[int, ...],
+    n_gallery: int,
+    repeats: int,
+    con: Console,
+) -> list[dict]:
+    """--compare-torch: spade-edge configurations vs the plain torch reference, one run.
+
+    Test images: every image under the --image's category test folder (MVTec layout), else
+    the --image itself, cycled to ``n_images``.
+    """
+    test_dir = img.parent.parent
+    pool = sorted(test_dir.rglob("*.png")) if test_dir.name == "test" else [img]
+    step = max(1, len(pool) // n_images)
+    chosen = (pool[::step] * n_images)[:n_images]
+    rows = []
+    for m in models:
+        rows += compare_torch(m, chosen, ks=ks, n_gallery=n_gallery, repeats=repeats)
+    t = Table(title=f"--compare-torch: ms per test image ({n_images} images, medians of {repeats})")
+    for col in ("backbone", "K", "configuration", "ms / image", "x torch"):
+        t.add_column(col, justify="right" if col in ("K", "ms / image", "x torch") else "left")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["backbone"], str(r["k"]), r["configuration"], "-", escape(r["error"][:60]))
+        else:
+            t.add_row(
+                r["backbone"],
+                str(r["k"]),
+                r["configuration"],
+                f"{r['ms_per_image']:.1f}",
+                f"{r['speedup_vs_torch']:.2f}",
+            )
+    con.print(t)
+    return [{**r, "table": "compare_torch"} for r in rows]
 
 
 def _fmt(v: object) -> str:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from spade_edge.cli._common import make_main
+from spade_edge.runtime.autoselect import select
 from spade_edge.runtime import engine_file
 from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
@@ -62,6 +63,8 @@ def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
         "metadata": other,
         "verified": verify,
         "contract": c.to_dict(),
+        # what --backend auto / --matcher auto pick for this model on this CPU, and why
+        "auto_selection": select(path).to_dict(),
     }
     if verify:
         try:
@@ -116,6 +119,13 @@ def render(info: dict[str, Any], console: Console) -> None:
     for k, v in info.items():
         if k in ("kind", "path", "blobs", "contract"):
             continue
+        if k == "auto_selection" and isinstance(v, dict):
+            cpu = v.get("cpu", {})
+            v = (
+                f"backend {v.get('backend')}, matcher {v.get('matcher')}: {v.get('reason')} "
+                f"(CPU units: {', '.join(cpu.get('matrix_flags', [])) or 'none'}; "
+                f"from {cpu.get('source')})"
+            )
         if k == "levels":
             v = ", ".join(
                 f"{lv['name']} {'x'.join(map(str, lv['shape']))} (stride {lv['stride']})"

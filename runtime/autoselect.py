@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spade_edge.runtime.cpu_features import CpuUnits, cpu_units
+from spade_edge.runtime.runners import auto_backend
 
 
 def _has(module: str) -> bool:
@@ -59,8 +60,6 @@ def select_matcher(units: CpuUnits | None = None) -> tuple[str, str]:
 def select_backend(model: str | Path | None = None) -> tuple[str, str]:
     """(runner name, reason) for ``--backend auto``."""
     if model is not None:
-        from spade_edge.runtime.runners import auto_backend
-
         name = auto_backend(model)
         if name != "ort":
             return name, "engine file"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError
@@ -141,6 +142,13 @@ def evaluate(
                 if tick:
                     tick(1)
             thr, pthr = det.threshold, det.pixel_threshold
+            used = {"backend": det.runner.name, "matcher": det.matcher.name}
+            stats = getattr(det.matcher, "candidate_stats", None)
+            if stats is not None:  # exact low-precision matcher: what the re-rank needed
+                used["rerank_candidates_per_query"] = stats()
+            precision = getattr(det.runner, "effective_precision", None)
+            if precision is not None:
+                used["runner_effective_precision"] = precision
         finally:
             det.close()
         t_score = time.perf_counter() - t1
@@ -152,7 +160,9 @@ def evaluate(
         "data_dir": str(data_dir),
         "k_image": k_image,
         "k_gallery": k_gallery,
-        "matcher": matcher,
+        "backend_requested": backend,
+        "matcher_requested": matcher,
+        **used,
         "n_train": len(train),
         "n_test": len(items),
         "n_anomalous": int(labels.sum()),
@@ -166,6 +176,8 @@ def evaluate(
         },
         "images": records,
     }
+    if "auto" in (backend, matcher):
+        report["auto_selection"] = select(model).to_dict()
     if thr is not None and th_report is not None:
         s = np.asarray(scores)
         good, bad = labels == 0, labels == 1

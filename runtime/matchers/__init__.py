@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from spade_edge.runtime.autoselect import select_matcher
 from spade_edge.runtime.matchers.base import DEFAULT_K, GalleryArrays, Matcher, Score
 from spade_edge.runtime.registry import load_backend
 
@@ -22,8 +23,6 @@ def open_matcher(gallery: GalleryArrays, backend: str = "numpy", **options: Any)
     ``auto`` picks the fastest exact matcher for this CPU (runtime/autoselect.py).
     """
     if backend == "auto":
-        from spade_edge.runtime.autoselect import select_matcher
-
         backend = select_matcher()[0]
     cls = load_backend(MATCHERS, backend, "matcher")
     return cls(gallery, **options)
