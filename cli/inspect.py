@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from spade_edge.cli._common import make_main
-from spade_edge.runtime.autoselect import select
 from spade_edge.runtime import engine_file
+from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
 from spade_edge.runtime.gallery import Gallery, describe
