@@ -49,6 +49,7 @@ class MqttSink(BufferedSink):
         self.client_id = client_id or f"spade-edge-{station}"
         self.ack_timeout = ack_timeout
         self._connected = threading.Event()
+        self._closing = False
         self._client: Any = None
 
     @classmethod
@@ -108,7 +109,7 @@ class MqttSink(BufferedSink):
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             log.warning("%s: disconnected (%s); reconnecting with backoff", self.name, reason)
         self._connected.clear()
 
@@ -139,6 +140,7 @@ class MqttSink(BufferedSink):
         c = self._client
         if c is None:
             return
+        self._closing = True
         try:
             if self._connected.is_set():
                 c.publish(self.status_topic, "offline", qos=1, retain=True).wait_for_publish(1.0)

@@ -434,6 +434,7 @@ async function init() {
   drawPlot();
   connect();
   document.body.dataset.ready = "1";
+  performance.mark("station-ready"); // first data drawn (benches/bench_station.py reads it)
 }
 
 document.addEventListener("DOMContentLoaded", init);
