@@ -1,13 +1,14 @@
 """Station figures for the report (issue 14), all on loopback, every loop bounded.
 
     .venv/bin/python benches/bench_station.py --model M.onnx --gallery G.bin [--files 200]
-        [--interval 0.2] [--restart-parts 300] [--page-parts 50] [--json out.json]
+        [--interval 0] [--restart-parts 300] [--page-parts 50] [--json out.json]
         [--only watch|restart|page] [--screenshot docs/img/station.png]
 
 1. watch folder -> verdict on MQTT: a real mosquitto, the spade-serve app with
    ``--source watch:DIR?settle=0`` (rename-in convention) and ``--sink mqtt://…``; each of
-   ``--files`` part images is written as ``.NAME`` and renamed to ``NAME`` every ``--interval``
-   s; latency = time the result arrives at an MQTT subscriber - time of the rename. p50/p99.
+   ``--files`` part images is written as ``.NAME`` and renamed to ``NAME``, the next one once
+   the previous verdict arrived (``--interval S``: every S seconds instead); latency = time the
+   result arrives at an MQTT subscriber - time of the rename. p50/p99.
 2. MQTT messages lost across a broker restart: ``--restart-parts`` parts posted over HTTP; the
    broker is stopped after a third of them and started again after two thirds; a persistent
    QoS 1 subscriber counts distinct result ids (lost = posted - received; duplicates counted).
@@ -122,7 +123,11 @@ def bench_watch_mqtt(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 (watch / f".{name}.png").write_bytes(data)
                 os.replace(watch / f".{name}.png", watch / f"{name}.png")
                 landed[name] = time.time()
-                time.sleep(args.interval)
+                if args.interval > 0:  # open loop: a fixed arrival rate
+                    time.sleep(args.interval)
+                else:  # closed loop: the next part once this verdict is out (no queueing)
+                    wait(lambda n=name: n in sub.first, 120)
+                    time.sleep(0.05)
             wait(lambda: len(sub.first) >= len(landed), 120)
     finally:
         if sub is not None:
@@ -272,7 +277,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--gallery", type=Path, required=True)
     ap.add_argument("--files", type=int, default=200)
-    ap.add_argument("--interval", type=float, default=0.2)
+    ap.add_argument("--interval", type=float, default=0.0, help="0: closed loop")
     ap.add_argument("--restart-parts", type=int, default=300)
     ap.add_argument("--page-parts", type=int, default=50)
     ap.add_argument("--only", choices=["watch", "restart", "page"], action="append")

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_support import make_gallery, normal_array, png_bytes, server_process  # noqa: E402
-from station_helpers import wait_until  # noqa: E402
+from serve_support import make_gallery, normal_array, png_bytes, server_process
+from station_helpers import wait_until
 
 N_FILES = 40
 
