@@ -88,7 +88,7 @@ def test_equals_oracle_on_random_features(precision: str) -> None:
     g = gallery_from(f.levels, f.pooled, c)
     q = random_features(rng, c, 2)
     ref = NumpyMatcher(g, k_image=3, k_gallery=4)
-    with el.ExactLowpMatcher(g, k_image=3, k_gallery=4, precision=precision) as m:
+    with el.ExactLowpMatcher(g, k_image=3, k_gallery=4, precision=precision, min_channels=0) as m:
         for got, want in zip(m.score(q), ref.score(q), strict=True):
             assert got.image_score == want.image_score
             np.testing.assert_array_equal(got.neighbors, want.neighbors)
@@ -103,6 +103,22 @@ def test_equals_oracle_on_random_features(precision: str) -> None:
             np.testing.assert_allclose(d, oracle, rtol=1e-5)  # ... and equal within fp32
         st = m.candidate_stats()
         assert all(s["queries"] > 0 and 1 <= s["mean"] <= s["max"] for s in st.values())
+
+
+def test_narrow_levels_run_the_fp32_oracle() -> None:
+    """Memory-bound levels (C < 128 by default) skip the low-precision GEMM: same answer."""
+    rng = np.random.default_rng(6)
+    c = make_contract([(8, 8, 24), (4, 4, 256)], 16, 32)
+    f = random_features(rng, c, 5)
+    g = gallery_from(f.levels, f.pooled, c)
+    q = random_features(rng, c, 1)
+    with el.ExactLowpMatcher(g, k_image=2, k_gallery=2, precision="int8") as m:
+        assert m.lowp_levels == {1}
+        got = m.score(q)[0]
+        st = m.candidate_stats()
+        assert st["l0"] == {"fp32": True} and st["l1"]["queries"] == 16
+    want = NumpyMatcher(g, k_image=2, k_gallery=2).score(q)[0]
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-5, atol=1e-6)
 
 
 def adversarial(rng: np.random.Generator, c: int, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +145,7 @@ def test_adversarial_near_ties(precision: str) -> None:
     centres, gal = adversarial(rng, ch, n_pos)
     c = make_contract([(8, 8, ch)], 8, 32)
     g = gallery_from([gal.reshape(2, 8, 8, ch)], rng.random((2, 8), dtype=np.float32), c)
-    with el.ExactLowpMatcher(g, k_image=1, k_gallery=2, precision=precision) as m:
+    with el.ExactLowpMatcher(g, k_image=1, k_gallery=2, precision=precision, min_channels=0) as m:
         d = m.min_sq_distances(0, centres, np.array([0, 1]))
         truth = brute_force(centres, g.levels[0])
         np.testing.assert_array_equal(d, truth)
@@ -137,7 +153,7 @@ def test_adversarial_near_ties(precision: str) -> None:
         # queries (so a matcher without the re-rank would be wrong here)
         eng = m._engines[ch]
         qr = eng.query(centres)
-        y, _ = eng.run(qr, slice(None), [m._block(0, 0), m._block(0, 1)])
+        y, _ = eng.run(qr, slice(None), eng.operands([m._block(0, 0), m._block(0, 1)]))
         pick = np.argmin(y, axis=1)
         flat = g.levels[0].reshape(-1, ch).astype(np.float32)
         diff = centres - flat[pick]
@@ -162,7 +178,7 @@ def test_equals_oracle_on_bottle_features(precision: str, lite0_onnx: Path, bott
     g = gallery_from(gf.levels, gf.pooled, c)
     qf = runner.infer(np.stack([prepare_path(p, c).tensor for p in test]))
     ref = NumpyMatcher(g, k_image=3, k_gallery=3)
-    with el.ExactLowpMatcher(g, k_image=3, k_gallery=3, precision=precision) as m:
+    with el.ExactLowpMatcher(g, k_image=3, k_gallery=3, precision=precision, min_channels=0) as m:
         for got, want in zip(m.score(qf), ref.score(qf), strict=True):
             assert got.image_score == want.image_score
             np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-5, atol=1e-6)

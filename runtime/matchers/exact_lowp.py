@@ -28,7 +28,12 @@ import numpy as np
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError
 from spade_edge.runtime.matchers.base import DEFAULT_K, DEFAULT_SIGMA, GalleryArrays, Score
-from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, nearest_images
+from spade_edge.runtime.matchers.numpy_matcher import (
+    NARROW_CHANNELS,
+    NumpyMatcher,
+    min_sq_distances,
+    nearest_images,
+)
 from spade_edge.runtime.scoring import combine_levels
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2u for fp32 round-to-nearest
@@ -78,8 +83,8 @@ class _Block:
     """Low-precision form of one gallery image at one level (built on first use, cached)."""
 
     values: np.ndarray  # engine operand, [HW, C] (int8 codes or bf16-exact float32)
-    scale: np.ndarray | None  # int8: float32 [HW] (per position); bf16: None
-    zero: np.ndarray | None  # int8: int8 [HW]
+    scale: np.ndarray  # int8: float32 [HW] (per position); bf16: empty
+    zero: np.ndarray  # int8: int8 [HW]; bf16: empty
     sqnorm: np.ndarray  # float32 [HW], ‖g‖² from float64
     norm_max: float  # max ‖g‖
     resid_max: float  # max ‖g − g̃‖ (exact, float64)
@@ -88,8 +93,8 @@ class _Block:
 @dataclass
 class _Query:
     values: np.ndarray
-    scale: float | None
-    zero: int | None
+    scale: float  # int8 only (bf16: 1.0, unused)
+    zero: int
     norm: np.ndarray  # float64 [P] ‖q‖
     resid: np.ndarray  # float64 [P] ‖q − q̃‖
     sqnorm: np.ndarray  # float32 [P] ‖q‖² (fp32, as in the oracle)
@@ -153,21 +158,28 @@ class _Int8Engine:
             approx_norm=np.sqrt((approx**2).sum(axis=1)),
         )
 
-    def run(self, qr: _Query, rows: slice, blocks: list[_Block]) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate ‖g‖² − 2 q̃·g̃ for the rows × all positions of ``blocks``, and row minima."""
-        b = np.concatenate([bl.values for bl in blocks], axis=1)
-        assert qr.scale is not None and qr.zero is not None
-        feed = {
-            "A": qr.values[rows],
-            "B": b,
-            "a_scale": np.array(qr.scale, dtype=np.float32),
-            "b_scale": np.concatenate([-2.0 * bl.scale for bl in blocks]).astype(np.float32),  # type: ignore[operator]
-            "a_zero": np.array(qr.zero, dtype=np.uint8),
-            "b_zero": np.concatenate([bl.zero for bl in blocks]),  # type: ignore[misc]
+    @staticmethod
+    def operands(blocks: list[_Block]) -> dict[str, np.ndarray]:
+        """The gallery side of the GEMM for these images (built once per level and query)."""
+        return {
+            "B": np.concatenate([bl.values for bl in blocks], axis=1),
+            "b_scale": np.concatenate([bl.scale for bl in blocks]) * np.float32(-2.0),  # exact
+            "b_zero": np.concatenate([bl.zero for bl in blocks]),
             "bias": np.concatenate([bl.sqnorm for bl in blocks]),
         }
+
+    def run(
+        self, qr: _Query, rows: slice, ops: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate ‖g‖² − 2 q̃·g̃ for the rows × all gallery positions, and row minima."""
+        feed = {
+            "A": qr.values[rows],
+            "a_scale": np.array(qr.scale, dtype=np.float32),
+            "a_zero": np.array(qr.zero, dtype=np.uint8),
+            **ops,
+        }
         y, m = self.session.run(["Y", "M"], feed)
-        return y, m
+        return np.asarray(y), np.asarray(m)
 
     def close(self) -> None:
         self.session = None
@@ -205,8 +217,8 @@ class _Bf16Engine:
         sq = (g64**2).sum(axis=1)
         return _Block(
             values=np.ascontiguousarray(gr.T),
-            scale=None,
-            zero=None,
+            scale=np.empty(0, dtype=np.float32),
+            zero=np.empty(0, dtype=np.int8),
             sqnorm=sq.astype(np.float32),
             norm_max=float(np.sqrt(sq.max())),
             resid_max=float(np.sqrt(((g64 - gr) ** 2).sum(axis=1).max())),
@@ -219,18 +231,25 @@ class _Bf16Engine:
         approx = qr.astype(np.float64)
         return _Query(
             values=np.ascontiguousarray(-2.0 * qr),  # exact: scaling by 2 keeps bf16 values
-            scale=None,
-            zero=None,
+            scale=1.0,
+            zero=0,
             norm=np.sqrt((q64**2).sum(axis=1)),
             resid=np.sqrt(((q64 - approx) ** 2).sum(axis=1)),
             sqnorm=np.einsum("ij,ij->i", q, q, dtype=np.float32),
             approx_norm=np.sqrt((approx**2).sum(axis=1)),
         )
 
-    def run(self, qr: _Query, rows: slice, blocks: list[_Block]) -> tuple[np.ndarray, np.ndarray]:
-        g = np.concatenate([bl.values for bl in blocks], axis=1)
-        bias = np.concatenate([bl.sqnorm for bl in blocks])
-        res = self.request.infer({0: qr.values[rows], 1: g, 2: bias})
+    @staticmethod
+    def operands(blocks: list[_Block]) -> dict[str, np.ndarray]:
+        return {
+            "g": np.concatenate([bl.values for bl in blocks], axis=1),
+            "bias": np.concatenate([bl.sqnorm for bl in blocks]),
+        }
+
+    def run(
+        self, qr: _Query, rows: slice, ops: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        res = self.request.infer({0: qr.values[rows], 1: ops["g"], 2: ops["bias"]})
         return np.asarray(res[0], dtype=np.float32), np.asarray(res[1], dtype=np.float32)
 
     def close(self) -> None:
@@ -281,6 +300,7 @@ class ExactLowpMatcher(NumpyMatcher):
         sigma: float = DEFAULT_SIGMA,
         precision: str | None = None,
         threads: int | None = None,
+        min_channels: int = NARROW_CHANNELS,
     ) -> None:
         super().__init__(gallery, k_image=k_image, k_gallery=k_gallery, sigma=sigma)
         prec = precision or self.precision
@@ -288,8 +308,16 @@ class ExactLowpMatcher(NumpyMatcher):
             raise ConfigError(f"precision must be one of {', '.join(ENGINES)}, got {prec!r}")
         self.precision = prec
         self.name = f"exact-{prec}"
+        # Narrow levels (C < min_channels) are memory-bound: a low-precision GEMM saves nothing
+        # there and its coarser rounding only adds candidates (Lite0's 24-channel level: 616 per
+        # query at int8), so they run the fp32 oracle itself.
+        self.lowp_levels = frozenset(
+            i for i, lv in enumerate(gallery.contract.levels) if lv.channels >= min_channels
+        )
         self._engines = {
-            lv.channels: ENGINES[prec](lv.channels, threads) for lv in gallery.contract.levels
+            lv.channels: ENGINES[prec](lv.channels, threads)
+            for i, lv in enumerate(gallery.contract.levels)
+            if i in self.lowp_levels
         }
         self._blocks: list[dict[int, _Block]] = [{} for _ in gallery.contract.levels]
         self._lock = threading.Lock()
@@ -297,7 +325,8 @@ class ExactLowpMatcher(NumpyMatcher):
 
     @property
     def engine(self) -> str:
-        return next(iter(self._engines.values())).name
+        """The candidate engine (``numpy-fp32`` when every level is narrow)."""
+        return next((e.name for e in self._engines.values()), "numpy-fp32")
 
     def _block(self, level: int, image: int) -> _Block:
         cache = self._blocks[level]
@@ -333,9 +362,10 @@ class ExactLowpMatcher(NumpyMatcher):
                 c,
                 eng.output_unit,
             )
+            ops = eng.operands(blocks)
             for r in range(0, p, rows_per):
                 rs = slice(r, min(p, r + rows_per))
-                y, m = eng.run(qr, rs, blocks)
+                y, m = eng.run(qr, rs, ops)
                 qsq = qr.sqnorm[rs].astype(np.float64)
                 cur = np.minimum(best_apx[rs], m + qsq)
                 best_apx[rs] = cur
@@ -370,16 +400,21 @@ class ExactLowpMatcher(NumpyMatcher):
         with self._lock:
             for i, (lv, q) in enumerate(zip(self.gallery.contract.levels, levels, strict=True)):
                 qf = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, lv.channels)
-                d2 = self.min_sq_distances(i, qf, near)
+                if i in self.lowp_levels:
+                    d2 = self.min_sq_distances(i, qf, near)
+                else:
+                    g, gsq = self.gallery.levels[i], self.gallery.level_sqnorms[i]
+                    d2 = min_sq_distances(qf, g, gsq, np.sort(near))
                 maps.append(np.sqrt(d2).reshape(lv.height, lv.width))
         amap = combine_levels(maps, self.size, self.sigma)
         return Score(image_score, amap, idx)
 
     def candidate_stats(self) -> dict[str, dict[str, float | int]]:
-        """Per level: query positions seen, mean and max candidates re-ranked exactly."""
+        """Per low-precision level: query positions seen, mean and max candidates re-ranked
+        exactly (narrow levels run the fp32 oracle and are listed as such)."""
         return {
-            lv.name: st.summary()
-            for lv, st in zip(self.gallery.contract.levels, self.stats, strict=True)
+            lv.name: st.summary() if i in self.lowp_levels else {"fp32": True}
+            for i, (lv, st) in enumerate(zip(self.gallery.contract.levels, self.stats, strict=True))
         }
 
     def close(self) -> None:
