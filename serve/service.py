@@ -94,12 +94,12 @@ class InspectionService:
         self.config = config
         self.archive = Archive(config.archive, config.keep_images, config.image_budget_bytes)
         self.galleries = GalleryStore(self.archive.folder, self.archive.db_path)
+        self._inflight = 0
         self.metrics = Metrics(self.queue_depth, lambda: self._inflight)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="spade-decode")
         self._runner: Runner | None = None
         self._worker: InferenceWorker | None = None
-        self._inflight = 0
         self._decoding = 0  # admitted requests not yet queued for the device
         self._stopping = False
         self._gallery_lock: asyncio.Lock | None = None
