@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.fileio import atomic_path, file_sha256
-from spade_edge.runtime.gallery import Gallery, append_gallery, rewrite_gallery
+from spade_edge.runtime.gallery import Gallery, appended, save_gallery
 from spade_edge.serve.archive import connect, utc_now
 from spade_edge.serve.errors import ConflictError, NotFoundError
 
@@ -204,32 +204,27 @@ class GalleryStore:
         recalibrate: bool,
         far: float | None = None,
     ) -> Version:
-        """Write ``base`` + new features as the next version; thresholds kept or recomputed."""
+        """Write ``base`` + new features as the next version (one atomic write): thresholds
+        kept as they are, or recomputed leave-one-out over the whole new gallery."""
         version = self._next_version()
         dst = self.folder / version_name(version)
-        building = self.folder / f".building.{version_name(version)}"
-        try:
-            append_gallery(base, building, pooled, levels, sources)
-            with Gallery.open(building) as g:
-                if recalibrate:
-                    thresholds = recompute_thresholds(g, far)
-                    rewrite_gallery(g, dst, thresholds=thresholds)
-                elif g.thresholds != base.thresholds:
-                    rewrite_gallery(g, dst, thresholds=base.thresholds)
-                else:
-                    os.replace(building, dst)
-        finally:
-            with contextlib.suppress(OSError):
-                building.unlink()
+        data = appended(base, pooled, levels, sources, path=dst)
+        data.thresholds = (
+            recompute_thresholds(data, base.thresholds, far) if recalibrate else base.thresholds
+        )
+        save_gallery(dst, data)
         with Gallery.open(dst) as g:
             return self._register(version, g, base_version, recalibrate, added)
 
 
-def recompute_thresholds(g: Gallery, far: float | None = None) -> dict[str, Any]:
-    """Leave-one-out thresholds over the whole gallery, same K/sigma/far as before."""
+def recompute_thresholds(
+    g: Any, previous: dict[str, Any] | None, far: float | None = None
+) -> dict[str, Any]:
+    """Leave-one-out thresholds over the whole gallery ``g`` with the K, sigma and false-alarm
+    rate of the ``previous`` thresholds (the gallery's defaults without them)."""
     from spade_edge.runtime.thresholds import DEFAULT_FAR, compute_thresholds
 
-    old = g.thresholds or {}
+    old = previous or {}
     k_i = int(old.get("k_image", g.default_k))
     k_g = int(old.get("k_gallery", g.default_k))
     sigma = float(old.get("sigma", 4.0))

@@ -385,6 +385,8 @@ class InspectionService:
             "threshold": det.threshold,
             "pixel_threshold": det.pixel_threshold,
             "k": det.matcher.k_image,
+            # e.g. thresholds kept from a smaller gallery: recalibrate=true recomputes them
+            "thresholds_warning": getattr(det, "thresholds_warning", None),
             "versions": [v.to_dict() for v in self.galleries.versions()],
         }
 
