@@ -89,7 +89,13 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Allow a non-loopback --host without --token-file.")
     ] = False,
-    verify: Annotated[bool, typer.Option(help="Verify gallery checksums when loading.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check gallery checksums and finiteness when loading a version (default).",
+        ),
+    ] = True,
     source: Annotated[
         list[str] | None,
         typer.Option(help="Image source (repeatable): watch:DIR, camera:URL|INDEX, genicam:CTI."),

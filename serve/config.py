@@ -59,7 +59,7 @@ class ServeConfig:
     timeout_s: float = 30.0
     decode_workers: int = 2
     insecure: bool = False
-    verify: bool = False
+    verify: bool = True  # checksums + finiteness of each gallery version before serving it
 
     def validate(self) -> ServeConfig:
         """Refuse nonsense before anything is loaded; one message per bad option."""
