@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from spade_edge.cli.triton import app as triton_app
 from spade_edge.cli.triton import parse_gpus
 from spade_edge.runtime.errors import BackendUnavailableError, CompatibilityError, InputError
-from spade_edge.runtime.runners.triton import parse_url
+from spade_edge.runtime.runners.triton import parse_url, split_model_address
 from spade_edge.triton.repository import RepoOptions, spade_config, versions, write_repository
 
 
@@ -149,3 +149,16 @@ def test_triton_runner_without_tritonclient_says_how_to_install() -> None:
 
     with pytest.raises(BackendUnavailableError, match=r"spade-edge\[triton\]"):
         open_runner("spade_backbone", "triton", url="127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        ("spade_backbone", (None, "spade_backbone")),
+        ("127.0.0.1:8001/spade_backbone", ("127.0.0.1:8001", "spade_backbone")),
+        (str(Path("grpc://h:8001/bb")), ("grpc://h:8001", "bb")),  # Path("a://b") -> "a:/b"
+        ("http://h:8000/spade_backbone/", ("http://h:8000", "spade_backbone")),
+    ],
+)
+def test_model_address_in_a_path(path: str, want: tuple[str | None, str]) -> None:
+    assert split_model_address(path) == want

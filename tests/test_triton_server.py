@@ -297,3 +297,27 @@ def test_bottle_parity_lite0(bottle_dir: Path, lite0_model: Path, tmp_path: Path
         for rr, (s, _, m) in zip(remote, local, strict=True)
     )
     print(f"bottle parity: {len(tests)} images, {exact} bitwise equal, worst rel {worst:.3g}")
+
+
+def test_spade_serve_with_the_triton_backend(served: Served, tmp_path: Path) -> None:
+    """spade-serve scores through the remote backbone: same numbers as a local Detector."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from spade_edge.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(
+        model=Path(f"grpc://{served.server.grpc_url}/spade_backbone"),
+        gallery=served.gallery,
+        backend="triton",
+        archive=tmp_path / "archive",
+    )
+    images = _images()[-2:]
+    local = _local(served.model, served.gallery, images)
+    with TestClient(create_app(cfg)) as c:
+        for b, (score, verdict, _) in zip(images, local, strict=True):
+            r = c.post("/v1/inspect", content=b, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            assert r.json()["anomalous"] == verdict
+            # the API rounds to 6 decimals (Result.to_record): within half a unit of that
+            assert r.json()["score"] == pytest.approx(score, abs=5e-7 + RTOL * score)

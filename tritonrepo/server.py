@@ -61,13 +61,14 @@ def find_tritonserver() -> TritonDist:
         )
     root = Path(spec.origin).parent / "tritonserver"
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
     dist = TritonDist(
         binary=root / "bin" / "tritonserver",
         backends=root / "backends",
         libs=root.parent.parent / "nvidia_pytriton.libs",
-        stub=root / "python_backend_stubs" / ver / "triton_python_backend_stub",
+        stub=stub,
     )
-    missing = [p for p in (dist.binary, dist.backends / "python", dist.stub) if not p.exists()]
+    missing = [p for p in (dist.binary, dist.backends / "python", stub) if not p.exists()]
     if missing:
         raise BackendUnavailableError(f"nvidia-pytriton is incomplete here: missing {missing[0]}")
     return dist

@@ -10,12 +10,14 @@ Two clients, one per model that ``spade-triton`` writes:
 - ``TritonInspector`` sends encoded image files to the ``spade`` model and gets score, verdict
   and map back: everything on the server, the client needs nothing but the bytes.
 
-Addresses: ``HOST:PORT`` (gRPC), ``grpc://HOST:PORT`` or ``http://HOST:PORT``.
-tritonclient is imported here only (extra ``[triton]``).
+Addresses: ``HOST:PORT`` (gRPC), ``grpc://HOST:PORT`` or ``http://HOST:PORT``. Where only a
+model path can be given (``spade-serve MODEL --backend triton``), the runner also takes
+``[grpc://|http://]HOST:PORT/MODEL``. tritonclient is imported here only (extra ``[triton]``).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,19 @@ def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:
     if not colon or not host or not port.isdigit():
         raise InputError(f"{url}: expected HOST:PORT")
     return protocol, f"{host}:{port}"
+
+
+_MODEL_ADDRESS = re.compile(r"^(?:(grpc|http):/+)?([^/:]+:\d+)/([\w.-]+)/?$")
+
+
+def split_model_address(path: str) -> tuple[str | None, str]:
+    """``grpc://h:8001/spade_backbone`` -> ``("grpc://h:8001", "spade_backbone")``; a bare model
+    name -> ``(None, name)``. Accepts the single slash ``pathlib.Path`` leaves of ``://``."""
+    m = _MODEL_ADDRESS.match(path)
+    if m is None:
+        return None, path
+    scheme, addr, model = m.groups()
+    return (f"{scheme}://{addr}" if scheme else addr), model
 
 
 class _Client:
@@ -119,8 +134,9 @@ def _param(cfg: dict[str, Any], key: str) -> str | None:
 class TritonRunner:
     """The feature pyramid from a Triton model (``spade_backbone`` by default).
 
-    ``path`` is the Triton model's name; ``url`` the server. Requests are serialised per runner
-    (one client connection); open one runner per thread for parallel requests.
+    ``path`` is the Triton model's name, or ``[grpc://|http://]HOST:PORT/MODEL`` (then ``url``
+    is not needed); ``url`` the server. Requests are serialised per runner (one client
+    connection); open one runner per thread for parallel requests.
     """
 
     name = "triton"
@@ -129,13 +145,16 @@ class TritonRunner:
     def __init__(
         self,
         path: str | Any = "spade_backbone",
-        url: str = "127.0.0.1:8001",
+        url: str | None = None,
         protocol: str | None = None,
         version: str = "",
         max_batch: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        self.model = str(path)
+        in_path, self.model = split_model_address(str(path))
+        if in_path is not None and url is not None:
+            raise InputError(f"{path}: the server is named twice (path and url={url})")
+        url = in_path or url or "127.0.0.1:8001"
         self.version = str(version)
         self._c = _Client(url, protocol, timeout_s)
         self._lock = threading.Lock()
@@ -265,4 +284,5 @@ __all__ = [
     "TritonRequestError",
     "TritonRunner",
     "parse_url",
+    "split_model_address",
 ]
