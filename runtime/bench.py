@@ -26,7 +26,7 @@ from spade_edge.runtime.matchers.exact_lowp import _Int8Engine
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, min_sq_distances, nearest_images
 from spade_edge.runtime.preprocess import load_image, preprocess
 from spade_edge.runtime.runners.ort import OrtRunner
-from spade_edge.runtime.scoring import combine_levels
+from spade_edge.runtime.scoring import DEFAULT_SIGMA, combine_levels
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -200,7 +200,9 @@ def bench_cpu(
                 )
             )
             maps.append(np.sqrt(min_sq_distances(q, g, gsq, sel)).reshape(lv.height, lv.width))
-        post = median_ms(lambda maps=maps: combine_levels(maps, c.image_size, 4.0), repeats)
+        post = median_ms(
+            lambda maps=maps: combine_levels(maps, c.image_size, DEFAULT_SIGMA), repeats
+        )
 
         def e2e(m: Any = e2e_matcher) -> None:
             im = load_image(image)

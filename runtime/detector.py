@@ -5,6 +5,9 @@
     res.score, res.is_anomalous, res.anomaly_map          # map in crop geometry (S x S)
     res.full_map()                                        # map projected onto the original image
 
+Arrays: uint8 is 0-255, uint16 0-65535, float 0-1; ``predict(a, white=4095)`` for other ranges.
+Out-of-range or non-finite values raise InputError (docs/reliability.md): nothing is guessed.
+
 Thread safety: ``predict`` may be called from several threads. Backends that are thread-safe
 (ONNX Runtime CPU + NumPy matcher) run concurrently; others (TensorRT, CUDA matcher: one stream
 and one workspace each) are serialised by an internal lock.
@@ -16,9 +19,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -31,8 +33,15 @@ from spade_edge.runtime.compat import check_gallery
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.gallery import Gallery
 from spade_edge.runtime.matchers import open_matcher
-from spade_edge.runtime.matchers.base import Score
-from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_any, prepare_path
+from spade_edge.runtime.matchers.base import DEFAULT_SIGMA, Score
+from spade_edge.runtime.preprocess import (
+    Geometry,
+    Prepared,
+    prepare_any,
+    prepare_path,
+    read_ahead,
+)
+from spade_edge.runtime.records import path_fields
 from spade_edge.runtime.runners import Runner, open_runner
 from spade_edge.runtime.thresholds import thresholds_problem
 
@@ -54,20 +63,27 @@ class Result:
     rgb: np.ndarray | None = field(default=None, repr=False)
 
     def full_map(self) -> np.ndarray:
-        """The map on the original (EXIF-upright) image grid; 0 outside the inspected crop."""
+        """The map on the (EXIF-upright) original's grid, 0 outside the inspected crop.
+
+        The grid is ``geometry.display_size``: the original size, or for images above
+        ``preprocess.DISPLAY_MAX_PIXELS`` the original scaled down to fit (bounded memory).
+        """
         return project_to_original(self.anomaly_map, self.geometry)
 
     def defect_mask(self) -> np.ndarray | None:
-        """Binary mask on the original grid (map >= pixel threshold), or None without one."""
+        """Binary mask on the ``full_map`` grid (map >= pixel threshold), or None without one."""
         if self.pixel_threshold is None:
             return None
         return self.full_map() >= self.pixel_threshold
 
     def to_record(self) -> dict[str, Any]:
-        """JSON-friendly summary (what spade-run prints per image)."""
+        """JSON-friendly summary (what spade-run prints per image); see ``records``.
+
+        ``image`` is UTF-8 text; a name that is not UTF-8 also gets ``image_b64`` (its bytes).
+        """
         m = self.anomaly_map
         rec: dict[str, Any] = {
-            "image": self.source,
+            **path_fields(self.source),
             "score": round(float(self.score), 6),
             "threshold": self.threshold,
             "anomalous": self.is_anomalous,
@@ -80,14 +96,14 @@ class Result:
 
 
 def project_to_original(amap: np.ndarray, geo: Geometry) -> np.ndarray:
-    """Undo centre-crop and resize: place the crop in the resized frame, resize to the original."""
+    """Undo centre-crop and resize: place the crop in the resized frame, resize to the
+    original's grid (``geo.display_size``: bounded, see ``Result.full_map``)."""
     canvas = np.zeros((geo.resized_height, geo.resized_width), dtype=np.float32)
     canvas[geo.top : geo.top + geo.size, geo.left : geo.left + geo.size] = amap
-    if (geo.resized_width, geo.resized_height) == (geo.width, geo.height):
+    size = geo.display_size
+    if (geo.resized_width, geo.resized_height) == size:
         return canvas
-    im = Image.fromarray(canvas, mode="F").resize(
-        (geo.width, geo.height), Image.Resampling.BILINEAR
-    )
+    im = Image.fromarray(canvas, mode="F").resize(size, Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.float32)
 
 
@@ -140,7 +156,7 @@ class Detector:
         matcher: str = "numpy",
         k_image: int | None = None,
         k_gallery: int | None = None,
-        sigma: float = 4.0,
+        sigma: float = DEFAULT_SIGMA,
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         verify: bool = True,
@@ -199,6 +215,9 @@ class Detector:
         """Score decoded images as one batch (for callers that decode and batch themselves,
         like spade-serve). ``timings`` receives the seconds of ``infer`` and ``match``."""
         batch = np.stack([p.tensor for p in preps])
+        if not np.isfinite(batch).all():  # preprocessing refuses these; never let one through
+            bad = [p.source for p in preps if not np.isfinite(p.tensor).all()]
+            raise InputError(f"{', '.join(bad)}: non-finite model input (NaN or infinity)")
         with contextlib.nullcontext() if self._lock is None else self._lock:
             t0 = time.perf_counter()
             feats = self.runner.infer(batch)
@@ -210,16 +229,37 @@ class Detector:
             timings["match"] = t2 - t1
         return [self._finish(p, s) for p, s in zip(preps, scores, strict=True)]
 
-    def predict(self, image: Any) -> Result:
-        """Score one image (path, PIL image or NumPy array)."""
-        return self._score_prepared([prepare_any(image, self.contract)])[0]
+    def predict(self, image: Any, white: float | None = None) -> Result:
+        """Score one image: a path, a PIL image or a NumPy array.
+
+        Arrays: HxW, HxWx1, HxWx3 or HxWx4 (alpha dropped). ``white`` is the value of a white
+        pixel (defaults: uint8 255, uint16 65535, float 1.0; required for other integer
+        types); values outside [0, white] and NaN/infinity raise InputError.
+        """
+        return self._score_prepared([prepare_any(image, self.contract, white=white)])[0]
+
+    def _score_batch(self, items: list[Prepared]) -> list[Result | SpadeError]:
+        """Score a batch; when it fails, score its images one by one so only the culprit fails."""
+        try:
+            return list(self._score_prepared(items))
+        except SpadeError as e:
+            if len(items) == 1:
+                return [e]
+        out: list[Result | SpadeError] = []
+        for p in items:
+            try:
+                out.append(self._score_prepared([p])[0])
+            except SpadeError as e:
+                out.append(e)
+        return out
 
     def predict_paths(
         self, paths: Iterable[Path], batch_size: int = 1, workers: int = 2
     ) -> Iterator[tuple[Path, Result | SpadeError]]:
         """Score files in order; decode runs a bounded window ahead in threads.
 
-        A file that cannot be read yields its error and the others go on.
+        A file that cannot be read or scored yields its own error and the others go on
+        (per-image isolation, docs/reliability.md).
         """
         paths = list(paths)
         max_b = getattr(self.runner, "max_batch", None) or batch_size
@@ -232,28 +272,18 @@ class Detector:
                 return e
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            window: deque[Future[Prepared | SpadeError]] = deque()
-            ahead = iter(paths)
-            for p in islice(ahead, 2 * bs + workers):
-                window.append(pool.submit(load, p))
-            for s in range(0, len(paths), bs):
-                items = []
-                for p in paths[s : s + bs]:
-                    items.append((p, window.popleft().result()))
-                    nxt = next(ahead, None)
-                    if nxt is not None:
-                        window.append(pool.submit(load, nxt))
-                good = [i for i, (_, r) in enumerate(items) if isinstance(r, Prepared)]
-                out: list[Result | SpadeError] = [r for _, r in items]  # type: ignore[misc]
-                if good:
-                    try:
-                        scored = self._score_prepared([items[i][1] for i in good])  # type: ignore[misc]
-                        for i, res in zip(good, scored, strict=True):
+            ahead = read_ahead(paths, load, pool, window=2 * bs + workers)
+            try:
+                while items := [(p, fut.result()) for p, fut in islice(ahead, bs)]:
+                    out: list[Result | SpadeError] = [r for _, r in items]
+                    good = [i for i, (_, r) in enumerate(items) if isinstance(r, Prepared)]
+                    preps = [r for _, r in items if isinstance(r, Prepared)]
+                    if preps:
+                        for i, res in zip(good, self._score_batch(preps), strict=True):
                             out[i] = res
-                    except SpadeError as e:
-                        for i in good:
-                            out[i] = e
-                yield from zip((p for p, _ in items), out, strict=True)
+                    yield from zip((p for p, _ in items), out, strict=True)
+            finally:
+                ahead.close()  # cancel decodes not yet started when the caller stops early
 
     def close(self) -> None:
         self.matcher.close()

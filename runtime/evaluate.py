@@ -24,7 +24,7 @@ from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError
 from spade_edge.runtime.metrics import aupro, image_auroc, pixel_auroc
 from spade_edge.runtime.packer import pack
-from spade_edge.runtime.preprocess import IMAGE_SUFFIXES, load_image, resized_size
+from spade_edge.runtime.preprocess import IMAGE_SUFFIXES, crop_geometry, load_image
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,10 @@ def prepare_mask(path: Path | None, image_path: Path, contract: Contract) -> np.
     ref = load_image(image_path)
     if im.size != ref.size:
         raise InputError(f"{path}: mask size {im.size} differs from image size {ref.size}")
-    rw, rh = resized_size(im.width, im.height, contract.resize)
-    if (rw, rh) != im.size:
-        im = im.resize((rw, rh), Image.Resampling.NEAREST)
-    top, left = round((rh - s) / 2.0), round((rw - s) / 2.0)
-    return np.asarray(im)[top : top + s, left : left + s] > 127
+    g = crop_geometry(im.width, im.height, contract)
+    if (g.resized_width, g.resized_height) != im.size:
+        im = im.resize((g.resized_width, g.resized_height), Image.Resampling.NEAREST)
+    return np.asarray(im)[g.top : g.top + s, g.left : g.left + s] > 127
 
 
 def evaluate(

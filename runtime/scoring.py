@@ -13,6 +13,9 @@ from functools import lru_cache
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+#: SPADE's pixel-map smoothing: Gaussian sigma (pixels of the crop) and scipy's truncate.
+#: The one definition: matchers (NumPy and CUDA), thresholds and benchmarks import these.
+DEFAULT_SIGMA = 4.0
 GAUSSIAN_TRUNCATE = 4.0
 
 
@@ -29,8 +32,9 @@ def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     rows = np.arange(n_out)
     np.add.at(m, (rows, i0), 1.0 - lam)
     np.add.at(m, (rows, i1), lam)
-    m.setflags(write=False)
-    return m.astype(np.float32)
+    out = m.astype(np.float32)
+    out.setflags(write=False)  # shared by lru_cache: callers must not modify it
+    return out
 
 
 def upsample_bilinear(m: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

@@ -17,9 +17,9 @@ import numpy as np
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import ConfigError
 from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.scoring import DEFAULT_SIGMA as DEFAULT_SIGMA  # re-exported
 
 DEFAULT_K = 5
-DEFAULT_SIGMA = 4.0
 
 
 def check_k(k: int, n: int, name: str) -> int:

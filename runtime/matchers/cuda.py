@@ -41,6 +41,7 @@ from spade_edge.runtime.matchers.base import (
     check_k,
 )
 from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.scoring import GAUSSIAN_TRUNCATE
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_FILES = ("knn_level.cu", "pooled_topk.cu", "postprocess.cu")
@@ -51,7 +52,6 @@ BN, BK, STAGES, THREADS = 128, 64, 3, 256
 BM_CHOICES = (128, 64, 32, 16)
 #: top-K keeps (fp64 distance, int32 index) for every gallery image in one block's shared memory.
 MAX_GALLERY_IMAGES = 8192
-GAUSSIAN_TRUNCATE = 4.0
 #: device memory left free beyond our own needs (kernels' modules, driver, other users)
 RESERVE_BYTES = 64 << 20
 UPLOAD_CHUNK_BYTES = 64 << 20
