@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -43,7 +43,7 @@ from spade_edge.runtime.gallery import (
     save_gallery,
     sqnorms_fp16,
 )
-from spade_edge.runtime.preprocess import Prepared, list_images, prepare_path
+from spade_edge.runtime.preprocess import Prepared, list_images, prepare_path, read_ahead
 from spade_edge.runtime.runners import Runner, open_runner
 from spade_edge.runtime.thresholds import DEFAULT_FAR, MIN_IMAGES, compute_thresholds
 
@@ -258,30 +258,6 @@ class _Inferred:
     decode_wait_seconds: float
 
 
-def _decode_ahead(
-    todo: list[tuple[Path, dict[str, str]]],
-    pool: ThreadPoolExecutor,
-    contract: Contract,
-    lookahead: int,
-) -> Iterator[tuple[Path, dict[str, str], Future[Prepared]]]:
-    """Submit decoding ``lookahead`` images ahead of the consumer; cancels the rest on exit."""
-    queue: deque[tuple[Path, dict[str, str], Future[Prepared]]] = deque()
-    pending = iter(todo)
-    try:
-        while True:
-            while len(queue) < lookahead:
-                nxt = next(pending, None)
-                if nxt is None:
-                    break
-                queue.append((nxt[0], nxt[1], pool.submit(prepare_path, nxt[0], contract)))
-            if not queue:
-                return
-            yield queue.popleft()
-    finally:
-        for _, _, fut in queue:
-            fut.cancel()
-
-
 def _infer_all(
     runner: Runner,
     todo: list[tuple[Path, dict[str, str]]],
@@ -329,7 +305,11 @@ def _infer_all(
         batch_src.clear()
 
     try:
-        for p, src, fut in _decode_ahead(todo, pool, buffers.contract, lookahead):
+
+        def decode(item: tuple[Path, dict[str, str]]) -> Prepared:
+            return prepare_path(item[0], buffers.contract)
+
+        for (p, src), fut in read_ahead(todo, decode, pool, lookahead):
             t0 = time.perf_counter()
             try:
                 prep = fut.result()

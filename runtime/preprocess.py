@@ -304,13 +304,7 @@ def preprocess(
     rw, rh = geo.resized_width, geo.resized_height
     if rw * rh > MAX_RESIZED_PIXELS:
         raise InputError(f"{source}: resized image {rw}x{rh} exceeds {MAX_RESIZED_PIXELS} pixels")
-    try:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            work = _gray_float(im, source)
-        else:
-            work = _model_modes(im)
-    except (OSError, ValueError) as e:  # lazily loaded PIL images, exotic modes
-        raise ImageDecodeError(f"{source}: cannot read image of mode {im.mode} ({e})") from None
+    work = _working_image(im, source)
     resized = work if work.size == (rw, rh) else work.resize((rw, rh), Image.Resampling.BILINEAR)
     s, top, left = geo.size, geo.top, geo.left
     crop = np.asarray(resized)[top : top + s, left : left + s]  # cropped first, then converted
@@ -322,6 +316,22 @@ def preprocess(
         np.multiply(chan, np.float32(scale), out=x[c], casting="unsafe")
         x[c] -= np.float32(contract.mean[c] / contract.std[c])
     return Prepared(x, geo, _display_rgb(work, geo), source)
+
+
+def _working_image(im: Image.Image, source: str) -> Image.Image:
+    """The image the model path resizes: "L", "RGB" or (16-bit, 32-bit, float sources) "F"."""
+    try:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return _gray_float(im, source)
+        return _model_modes(im)
+    except (OSError, ValueError) as e:  # lazily loaded PIL images, exotic modes
+        raise ImageDecodeError(f"{source}: cannot read image of mode {im.mode} ({e})") from None
+
+
+def display_rgb(im: Image.Image, geo: Geometry, source: str = "<image>") -> np.ndarray:
+    """The overlay copy of a decoded (upright) image: uint8 HxWx3 at ``geo.display_size``,
+    exactly what ``Prepared.rgb`` holds (for re-rendering an overlay later, as serve does)."""
+    return _display_rgb(_working_image(im, source), geo)
 
 
 def _display_rgb(work: Image.Image, geo: Geometry) -> np.ndarray:

@@ -352,13 +352,12 @@ class InspectionService:
         img, _ = self.image_file(rid)
         if row["map_file"] is None:
             raise NotFoundError(f"result {rid}: anomaly map not kept")
-        from spade_edge.runtime.preprocess import load_image, to_rgb_float
+        from spade_edge.runtime.preprocess import display_rgb, load_image
         from spade_edge.runtime.visualize import save_png
 
         amap = np.load(self.archive.folder / row["map_file"], allow_pickle=False)
         geo = Geometry(**json.loads(row["geometry"]))
-        pil, flt = to_rgb_float(load_image(img))
-        rgb = np.asarray(pil) if pil is not None else np.asarray(flt).round().astype(np.uint8)
+        rgb = display_rgb(load_image(img), geo, str(img))  # bounded: geo.display_size
         full = project_to_original(np.asarray(amap, dtype=np.float32), geo)
         pth = row["pixel_threshold"]
         vmax = 1.2 * pth if pth else float(full.max())
