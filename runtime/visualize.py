@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -70,7 +70,7 @@ def save_png(arr: np.ndarray, path: str | Path) -> None:
     write_atomic(path, buf.getbuffer())
 
 
-def write_outputs(result: Result, folder: str | Path, stem: str) -> dict[str, Any]:
+def save_maps(result: Result, folder: str | Path, stem: str) -> dict[str, str]:
     """Write ``{stem}_overlay.png`` (and ``{stem}_mask.png`` with a pixel threshold) into
     ``folder`` atomically; returns the record fields naming them (``overlay``, ``mask``).
 
@@ -83,8 +83,8 @@ def write_outputs(result: Result, folder: str | Path, stem: str) -> dict[str, An
     vmax = 1.2 * thr if thr else float(full.max())
     rgb = result.rgb
     if rgb is None:
-        raise ValueError("result carries no image (rgb) to draw on")
-    fields: dict[str, Any] = {}
+        raise ValueError("the result carries no image (rgb) to draw on")
+    fields: dict[str, str] = {}
     path = folder / f"{stem}_overlay.png"
     save_png(overlay(rgb, full, vmax), path)
     fields["overlay"] = str(path)

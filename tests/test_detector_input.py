@@ -81,3 +81,27 @@ def test_full_map_of_a_huge_image_is_bounded(det: Detector) -> None:
     assert res.full_map().shape == (h, w) and res.rgb.shape == (h, w, 3)
     rec = res.to_record()
     assert rec["image"] == "<array>" and "image_b64" not in rec
+
+
+def test_overlay_in_row_bands_equals_the_whole_image_formula(monkeypatch) -> None:
+    from spade_edge.runtime import visualize as vis
+
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    amap = rng.uniform(0, 50, (37, 23)).astype(np.float32)
+    norm = np.clip(amap / 40.0, 0.0, 1.0)
+    a = 0.7 * (norm**2)[..., None]
+    ref = (rgb * (1 - a) + vis.colormap(norm).astype(np.float32) * a).round().astype(np.uint8)
+    monkeypatch.setattr(vis, "_BAND_PIXELS", 50)  # 2 rows per band
+    np.testing.assert_array_equal(vis.overlay(rgb, amap, 40.0), ref)
+
+
+def test_save_maps_writes_overlay_and_mask_on_the_display_grid(det: Detector, tmp_path) -> None:
+    from spade_edge.runtime.visualize import save_maps
+
+    res = det.predict(normal_array(4))
+    res.pixel_threshold = float(np.median(res.anomaly_map))
+    out = save_maps(res, tmp_path, "x")
+    assert Image.open(out["overlay"]).size == (40, 48)
+    mask = np.asarray(Image.open(out["mask"]))
+    np.testing.assert_array_equal(mask > 0, res.defect_mask())
