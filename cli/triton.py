@@ -43,6 +43,10 @@ def triton(
     engine: Annotated[
         Path | None, typer.Option(help="TensorRT engine built from MODEL, for GPU instances.")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Runner of the instances (default: ort on CPU; trt/ort-gpu on GPU)."),
+    ] = None,
     matcher: Annotated[
         str | None, typer.Option(help="kNN backend (default: numpy on CPU, cuda on GPU).")
     ] = None,
@@ -81,6 +85,7 @@ def triton(
         k_image=ki,
         k_gallery=kg,
         matcher=matcher,
+        backend=backend,
         engine=engine,
         backbone=backbone,
         bundle=bundle,

@@ -39,6 +39,7 @@ def test_repository_layout_and_config(pair: tuple[Path, Path], tmp_path: Path) -
     man = json.loads((v1 / "spade.json").read_text())
     assert man["cpu"] == {"backend": "ort", "matcher": "numpy"}
     assert man["gpu"]["matcher"] == "cuda" and man["k_image"] == 3 and man["gallery_images"] == 12
+    assert man["gpu"]["backend"] == "ort-gpu"  # no --engine: ONNX Runtime's CUDA provider
     cfg = (repo / "spade" / "config.pbtxt").read_text()
     assert 'name: "spade"' in cfg and 'backend: "python"' in cfg
     assert "max_batch_size: 4" in cfg and "dynamic_batching" in cfg
@@ -50,6 +51,16 @@ def test_repository_layout_and_config(pair: tuple[Path, Path], tmp_path: Path) -
     bb = (repo / "spade_backbone" / "config.pbtxt").read_text()
     assert '{ name: "image" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }' in bb
     assert '"spade_fingerprint"' in bb and '"spade_contract"' in bb
+
+
+def test_backend_override_goes_to_the_instances_kind(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    wv = write_repository(*pair, tmp_path / "r", RepoOptions(backend="openvino"))
+    man = json.loads((wv.folder / "spade.json").read_text())
+    assert man["cpu"]["backend"] == "openvino" and man["gpu"]["backend"] == "ort-gpu"
+    with pytest.raises(InputError, match="--engine"):
+        write_repository(*pair, tmp_path / "r2", RepoOptions(kind="gpu", backend="trt"))
 
 
 def test_gpu_instances_config(pair: tuple[Path, Path]) -> None:
@@ -90,6 +101,8 @@ def test_gallery_of_another_model_is_refused(pair: tuple[Path, Path], tmp_path: 
         (RepoOptions(instances=0), "--instances"),
         (RepoOptions(gpus=(0,)), "--gpus needs --kind gpu"),
         (RepoOptions(max_batch_size=0), "--max-batch-size"),
+        (RepoOptions(backend="triton"), "--backend"),
+        (RepoOptions(backend="nope"), "--backend"),
     ],
 )
 def test_bad_options(

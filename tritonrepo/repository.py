@@ -50,6 +50,7 @@ class RepoOptions:
     k_image: int | None = None
     k_gallery: int | None = None
     matcher: str | None = None  # default: numpy on CPU, cuda on GPU
+    backend: str | None = None  # runner of --kind's instances (default: ort on CPU, trt on GPU)
     engine: Path | None = None  # TensorRT engine for KIND_GPU instances
     backbone: bool = True  # also write spade_backbone (the triton runner's model)
     bundle: bool = True  # copy spade_edge's code into each version (site/)
@@ -66,6 +67,12 @@ class RepoOptions:
             raise InputError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
         if self.gpus and self.kind != "gpu":
             raise InputError("--gpus needs --kind gpu")
+        if self.backend is not None:
+            from spade_edge.runtime.runners import RUNNERS
+
+            if self.backend not in RUNNERS or self.backend == "triton":
+                usable = ", ".join(b for b in RUNNERS if b != "triton")
+                raise InputError(f"--backend {self.backend!r}: choose one of {usable}")
         if self.version is not None and self.version < 1:
             raise InputError(f"--version must be >= 1, got {self.version}")
 
@@ -207,6 +214,8 @@ def _sides(model: Path, o: RepoOptions) -> tuple[dict[str, str], dict[str, str]]
         gpu = {"backend": "trt", "matcher": o.matcher or "cuda"}
     else:
         gpu = {"backend": "ort-gpu", "matcher": o.matcher or "cuda"}
+    if o.backend is not None:
+        (gpu if o.kind == "gpu" else cpu)["backend"] = o.backend
     return cpu, gpu
 
 
@@ -248,6 +257,8 @@ def write_repository(
     if options.engine is not None:
         _check_engine(options.engine, fingerprint)
     cpu, gpu = _sides(model, options)
+    if gpu["backend"] == "trt" and options.engine is None:
+        raise InputError("--backend trt runs a TensorRT engine: give it with --engine")
     model_dir = repo / MODEL
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
