@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -279,6 +280,7 @@ def main() -> None:
             )
     finally:
         srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         a.json.write_text(json.dumps(report, indent=1, allow_nan=False))
 
