@@ -1,10 +1,19 @@
-"""Mutation helpers and the gallery fuzz target (``python tests/fuzz_gallery.py -n 10000``).
+"""Mutation helpers and the container fuzz targets (``python tests/fuzz_gallery.py -n 10000``).
 
-The fuzz target opens thousands of mutated gallery files (bit flips, truncations, header field
-overwrites, manifest JSON edits with and without a repaired checksum, appended bytes) and
-counts a *crash* whenever opening or reading raises anything but a spade-edge error
-(FormatError/SpadeError). In pytest it runs as ``test_gallery.py::test_fuzz_10000`` under the
-``fuzz`` marker, outside the default run.
+Three targets share the mutations (bit flips, truncations, header field overwrites, manifest
+JSON edits with and without a repaired checksum, appended bytes):
+
+* ``gallery``: open and read mutated gallery files;
+* ``engine``: open, verify and describe mutated TensorRT engine files (runtime/engine_file.py);
+* ``copy``: the paths that copy blobs out of an existing gallery into a new, freshly
+  checksummed file -- ``--add-to`` (``append_gallery``), threshold recalibration
+  (``calibrate_gallery``) and ``rewrite_gallery`` -- over mutated galleries. Besides crashes it
+  checks the laundering property: a new file that verifies may only come from an input that
+  verifies itself.
+
+A *crash* is anything but a spade-edge error (FormatError/SpadeError), including a laundered
+file. In pytest the 10,000-file runs are under the ``fuzz`` marker (``make fuzz``); the default
+run keeps a few hundred files per target.
 """
 
 from __future__ import annotations
@@ -196,6 +205,131 @@ def exercise_gallery(path: Path, verify: bool) -> None:
             float(np.asarray(lv[-1:], dtype=np.float32).sum())
 
 
+class LaunderedError(Exception):
+    """A mutated (invalid) input came out as a new file that verifies."""
+
+
+def exercise_engine(path: Path, verify: bool) -> None:
+    """Everything a consumer does with an engine file before TensorRT sees it."""
+    from spade_edge.runtime.engine_file import describe, read_engine_file
+
+    with read_engine_file(path, verify=verify) as ef:
+        _ = ef.metadata
+        _ = ef.parent_fingerprint
+        int(ef.plan()[:1].sum())
+        ef.check_runtime(ef.tensorrt_version, ef.compute_capability, ef.gpu_name)
+    describe(path, verify=verify)
+
+
+def _verifies(path: Path) -> bool:
+    from spade_edge.runtime.gallery import Gallery
+
+    try:
+        with Gallery.open(path, verify=True):
+            return True
+    except SpadeError:
+        return False
+
+
+def exercise_copy(path: Path, verify: bool) -> None:
+    """--add-to, threshold recalibration and rewrite over ``path``; raise LaunderedError if a new
+    file verifies although ``path`` does not. Rejections are SpadeErrors as usual."""
+    from spade_edge.runtime.gallery import Gallery, append_gallery, rewrite_gallery
+    from spade_edge.runtime.thresholds import calibrate_gallery
+
+    outs = [path.with_name(f"out{i}.bin") for i in range(3)]
+    for o in outs:
+        o.unlink(missing_ok=True)
+    errors: list[SpadeError] = []
+    try:
+        with Gallery.open(path, verify=verify) as g:
+            try:
+                rewrite_gallery(g, outs[0], thresholds=None)
+            except SpadeError as e:
+                errors.append(e)
+            try:
+                new = [
+                    {
+                        "name": "fuzz-new.png",
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                    }
+                ]
+                levels = [np.ones((1, *lv.shape[1:]), np.float32) for lv in g.levels]
+                append_gallery(g, outs[1], np.ones((1, g.pooled.shape[1]), np.float32), levels, new)
+            except SpadeError as e:
+                errors.append(e)
+    except SpadeError as e:
+        errors.append(e)
+    try:
+        calibrate_gallery(path, outs[2], k_image=2, k_gallery=2)
+    except SpadeError as e:
+        errors.append(e)
+    made = [o for o in outs if o.exists() and _verifies(o)]
+    if made and not _verifies(path):
+        raise LaunderedError(f"{[o.name for o in made]} verify, but the input does not")
+    if errors and not made:
+        raise errors[0]
+
+
+def engine_seed(workdir: Path) -> bytes:
+    """A valid engine file (tiny contract, a 10 KiB stand-in plan)."""
+    from tiny_model import tiny_contract
+
+    from spade_edge.runtime.engine_file import TensorSpec, write_engine_file
+
+    c = tiny_contract(32)
+    s = c.image_size
+    outputs = [
+        TensorSpec(lv.name, "float32", (-1, lv.height, lv.width, lv.channels)) for lv in c.levels
+    ]
+    outputs.append(TensorSpec(c.pooled_name, "float32", (-1, c.pooled_dim)))
+    p = workdir / "seed.engine"
+    write_engine_file(
+        p,
+        bytes(range(256)) * 40,
+        contract=c,
+        fingerprint="ab" * 32,
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        compute_capability=(8, 7),
+        inputs=[TensorSpec(c.input_name, "float32", (-1, 3, s, s))],
+        outputs=outputs,
+        max_batch=8,
+        created="2026-01-01T00:00:00Z",
+    )
+    return p.read_bytes()
+
+
+def copy_seed(workdir: Path, n: int = 11) -> bytes:
+    """A valid gallery big enough for leave-one-out thresholds (tiny contract)."""
+    from tiny_model import tiny_contract
+
+    from spade_edge.runtime.gallery import write_gallery
+
+    c = tiny_contract(32)
+    rng = np.random.default_rng(0)
+    p = workdir / "seed.bin"
+    write_gallery(
+        p,
+        c,
+        "cd" * 32,
+        rng.normal(size=(n, c.pooled_dim)).astype(np.float32),
+        [rng.normal(size=(n, lv.height, lv.width, lv.channels)) for lv in c.levels],
+        [{"name": f"{i}.png", "sha256": hashlib.sha256(bytes([i])).hexdigest()} for i in range(n)],
+        default_k=2,
+        thresholds={"image": 1.0, "n_normal": n},
+        created="2026-01-01T00:00:00Z",
+    )
+    return p.read_bytes()
+
+
+TARGETS: dict[str, Callable[[Path, bool], None]] = {
+    "gallery": exercise_gallery,
+    "engine": exercise_engine,
+    "copy": exercise_copy,
+}
+
+
 def run_fuzz(
     n: int,
     seed: int = 0,
@@ -227,16 +361,29 @@ def run_fuzz(
     return {"files": n, "crashes": crashes, **outcomes}
 
 
+def seeds_for(target: str, workdir: Path) -> list[bytes] | None:
+    """Seed files of a target (None: the golden gallery)."""
+    if target == "engine":
+        return [engine_seed(workdir)]
+    if target == "copy":
+        return [copy_seed(workdir)]
+    return None
+
+
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target", choices=sorted(TARGETS), default="gallery")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    r = run_fuzz(args.n, args.seed)
+    with tempfile.TemporaryDirectory() as seed_dir:
+        seed_files = seeds_for(args.target, Path(seed_dir))
+        r = run_fuzz(args.n, args.seed, seed_files, TARGETS[args.target])
     dt = time.perf_counter() - t0
     print(
-        f"{r['files']} files, {len(r['crashes'])} crashes "
+        f"{args.target}: {r['files']} files, {len(r['crashes'])} crashes "
         f"({r['rejected']} rejected, {r['opened']} opened) in {dt:.1f} s"
     )
     for kind, msg in r["crashes"][:20]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fuzz_gallery import run_fuzz, split, with_manifest
+from fuzz_gallery import exercise_copy, exercise_engine, run_fuzz, seeds_for, split, with_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_model import tiny_contract
@@ -409,6 +409,27 @@ def test_fuzz_smoke() -> None:
     r = run_fuzz(300, seed=1)
     assert r["crashes"] == []
     assert r["rejected"] > 200  # the mutations really do break files
+
+
+@pytest.mark.parametrize(
+    ("target", "exercise", "n"), [("engine", exercise_engine, 300), ("copy", exercise_copy, 150)]
+)
+def test_fuzz_smoke_engine_and_copy_paths(tmp_path: Path, target: str, exercise, n: int) -> None:  # type: ignore[no-untyped-def]
+    """Engine reader, and --add-to / recalibration / rewrite over mutated galleries: no crash,
+    and no mutated input ever comes out as a file that verifies (bounded for default CI)."""
+    r = run_fuzz(n, seed=2, seeds=seeds_for(target, tmp_path), exercise=exercise)
+    assert r["crashes"] == []
+    assert r["rejected"] > 0.8 * n
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize(
+    ("target", "exercise"), [("engine", exercise_engine), ("copy", exercise_copy)]
+)
+def test_fuzz_10000_engine_and_copy_paths(tmp_path: Path, target: str, exercise) -> None:  # type: ignore[no-untyped-def]
+    r = run_fuzz(10_000, seed=0, seeds=seeds_for(target, tmp_path), exercise=exercise)
+    print(f"\n{target}: {r['files']} files, {len(r['crashes'])} crashes ({r['rejected']} rejected)")
+    assert r["crashes"] == []
 
 
 @pytest.mark.fuzz
