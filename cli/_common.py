@@ -1,31 +1,106 @@
-"""Shared CLI plumbing: typed errors become one red line and an exit code, never a traceback."""
+"""Shared CLI plumbing: options and their validators, output checks, safe printing, exit codes.
+
+Library code raises typed errors (runtime/errors.py); only this module turns them into one line
+on stderr and an exit code (docs/architecture.md lists the codes). Usage errors (unknown option,
+bad value, missing argument) are typer's own: its usage message and exit 2. Everything printed
+through rich that may hold user data (file names, messages quoting them) goes through ``error``,
+``warn`` or ``text``, which never read it as markup.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.text import Text
 
-from spade_edge.runtime.errors import SpadeError
+from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.fileio import write_atomic
 
-err_console = Console(stderr=True, highlight=False)
+#: exit code of an interrupted command (128 + SIGINT, what shells report for Ctrl-C)
+EXIT_INTERRUPTED = 130
+#: exit code of an unexpected OS-level failure (disk full while writing, ...)
+EXIT_OS_ERROR = 1
 
-KOpt = Annotated[int | None, typer.Option("--k", help="Sets both --k-image and --k-gallery.")]
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ------------------------------------------------------------------------------ printing
+
+
+def text(value: object, style: str = "") -> Text:
+    """User data as a rich renderable that is never parsed as markup (``[/x]`` stays literal)."""
+    return Text(str(value), style=style)
+
+
+def error(message: str) -> None:
+    """``error: message`` on stderr, the message printed literally."""
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """``warning: message`` on stderr, the message printed literally."""
+    err_console.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259: no NaN/Infinity); a non-finite number is a bug, reported as one."""
+    try:
+        return json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError as e:
+        raise SpadeError(f"refusing to write a non-finite number as JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------------ validators
+
+
+def _finite(name: str, lo: float | None = None, hi: float | None = None, hi_open: bool = False):
+    """A typer callback: the float must be finite and within [lo, hi] (or [lo, hi))."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        bad = not math.isfinite(value)
+        bad = bad or (lo is not None and value < lo)
+        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            rng = f" in [{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None else ""
+            rng = rng or (f" >= {lo:g}" if lo is not None else "")
+            raise typer.BadParameter(f"{value!r} is not a finite number{rng}")
+        return value
+
+    check.__name__ = f"check_{name}"
+    return check
+
+
+check_far = _finite("far", 0.0, 1.0, hi_open=True)
+check_threshold = _finite("threshold", 0.0)
+
+KOpt = Annotated[
+    int | None, typer.Option("--k", min=1, help="Sets both --k-image and --k-gallery.")
+]
 KImageOpt = Annotated[
-    int | None, typer.Option("--k-image", help="Nearest normal images averaged for the score.")
+    int | None,
+    typer.Option("--k-image", min=1, help="Nearest normal images averaged for the score."),
 ]
 KGalleryOpt = Annotated[
     int | None,
     typer.Option(
-        "--k-gallery", help="Nearest normal images whose positions form the pixel gallery."
+        "--k-gallery", min=1, help="Nearest normal images whose positions form the pixel gallery."
     ),
 ]
 BackendOpt = Annotated[
@@ -37,45 +112,19 @@ BackendOpt = Annotated[
 MatcherOpt = Annotated[str, typer.Option("--matcher", help="kNN backend: numpy (CPU) or cuda.")]
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(code)
+def batch_size_opt(default_help: str) -> Any:
+    """``--batch-size N`` (N >= 1)."""
+    return typer.Option("--batch-size", min=1, help=default_help)
 
 
-def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+def far_opt(help_text: str) -> Any:
+    """``--far RATE``: a finite false-alarm rate in [0, 1) (0 = no thresholds where allowed)."""
+    return typer.Option("--far", callback=check_far, help=help_text)
 
 
-def make_main(app: typer.Typer) -> Callable[[], Any]:
-    """Wrap a typer app so SpadeError / OSError / KeyboardInterrupt map to clean exits."""
-
-    def main() -> Any:
-        # OpenBLAS threads spin ~0.1 s after each GEMM, stealing both cores from the next
-        # image's inference (wrn50: 160 ms instead of 117 ms here). Must be set before numpy
-        # loads, which the CLIs do lazily; library users can export it themselves.
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-        try:
-            return app(standalone_mode=False)
-        except SpadeError as e:
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-            sys.exit(e.exit_code)
-        except typer.Exit as e:
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]")
-            sys.exit(130)
-        except Exception as e:  # click usage errors come through here in non-standalone mode
-            import click
-
-            if isinstance(e, click.exceptions.ClickException):
-                e.show()
-                sys.exit(e.exit_code)
-            if isinstance(e, click.exceptions.Abort):
-                sys.exit(1)
-            raise
-
-    return main
+def threshold_opt(flag: str, help_text: str) -> Any:
+    """A score threshold: finite and >= 0 (a NaN threshold would pass every part)."""
+    return typer.Option(flag, callback=check_threshold, help=help_text)
 
 
 def resolve_k(
@@ -85,9 +134,52 @@ def resolve_k(
     return (k_image if k_image is not None else k), (k_gallery if k_gallery is not None else k)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a report atomically so a crash never leaves half of it."""
-    write_atomic(path, text.encode("utf-8"))
+# ------------------------------------------------------------------------------ outputs
+
+
+def check_output_file(path: Path | None, option: str, make_parents: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written (missing folder, read-only, a dir).
+
+    Probes with a temp file in the destination folder, which is what the atomic write will do,
+    so it holds for root and read-only file systems alike. ``make_parents``: the command creates
+    missing folders, so the nearest existing one is probed instead.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a folder, not a file")
+    folder = path.parent if str(path.parent) else Path(".")
+    if make_parents:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir():
+        why = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{option} {path}: cannot write there, {folder} {why}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot write to {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_dir(path: Path | None, option: str) -> None:
+    """Create the output folder ``path`` now (not after the work) and check it is writable."""
+    if path is None:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot create folder ({e.strerror or e})") from None
+    check_output_file(path / "probe", option)
+
+
+def atomic_write_text(path: str | Path, content: str) -> None:
+    """Write a report atomically so a crash never leaves half of it (names stay lossless)."""
+    write_atomic(path, content.encode("utf-8", "surrogateescape"))
+
+
+# ------------------------------------------------------------------------------ progress
 
 
 @contextmanager
@@ -106,3 +198,49 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Cal
     ) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n=1: prog.advance(task, n)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def handle_errors(fn: F) -> F:
+    """Wrap a command: typed errors -> one line + their exit code; Ctrl-C -> a line + 130.
+
+    Applied to the command function itself, so ``spade NAME``, ``spade-NAME`` and typer's test
+    runner all behave the same; typer still sees the original signature.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpadeError as e:
+            error(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print(Text("interrupted (Ctrl-C); nothing half-written was left", "red"))
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:  # e.g. disk full while writing a report: one line, not a traceback
+            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+            error(f"{where}{e.strerror or e}")
+            raise typer.Exit(EXIT_OS_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature
+
+
+def _lossless_streams() -> None:
+    """File names that are not UTF-8 print as their original bytes instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
+
+
+def make_main(app: typer.Typer) -> Callable[[], Any]:
+    """The console-script entry point of ``app`` (typer's standalone mode: usage errors -> 2)."""
+
+    def main() -> Any:
+        _lossless_streams()
+        return app()
+
+    return main

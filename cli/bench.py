@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spade_edge.cli._common import atomic_write_text, make_main
+from spade_edge.cli._common import (
+    atomic_write_text,
+    check_output_file,
+    handle_errors,
+    json_text,
+    make_main,
+)
 from spade_edge.export.demo import make_part
 from spade_edge.export.onnx_export import export_onnx
 from spade_edge.export.torch_reference import compare_torch
@@ -24,6 +30,14 @@ from spade_edge.runtime.errors import BackendUnavailableError
 from spade_edge.runtime.matchers import cuda_bench
 
 app = typer.Typer(add_completion=False)
+
+
+class CudaShapes(str, Enum):
+    """Backbone shapes the CUDA benchmark fakes (keys of cuda_bench.BACKBONES)."""
+
+    wrn50 = "wrn50"
+    efficientnet_lite0 = "efficientnet_lite0"
+    lite0 = "lite0"
 
 
 def _export(backbone: str, folder: Path) -> Path:
@@ -46,6 +60,7 @@ def _synthetic_image(folder: Path) -> Path:
 
 
 @app.command()
+@handle_errors
 def bench(
     model: Annotated[
         list[Path] | None,
@@ -54,10 +69,12 @@ def bench(
     image: Annotated[
         Path | None, typer.Option(help="Image to time (default: a synthetic part image).")
     ] = None,
-    k: Annotated[list[int] | None, typer.Option("--k", help="K values (default 5 and 50).")] = None,
+    k: Annotated[
+        list[int] | None, typer.Option("--k", min=1, help="K values (default 5 and 50).")
+    ] = None,
     n_gallery: Annotated[
         int | None,
-        typer.Option(help="Gallery size (random features); default 64 (CPU), 1000 (CUDA)."),
+        typer.Option(min=1, help="Gallery size (random features); default 64 (CPU), 1000 (CUDA)."),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1)] = 5,
     matcher: Annotated[
@@ -84,8 +101,8 @@ def bench(
         ),
     ] = 8,
     backbone: Annotated[
-        list[str] | None,
-        typer.Option(help="CUDA: backbone shapes to time (wrn50, efficientnet_lite0)."),
+        list[CudaShapes] | None,
+        typer.Option(help="CUDA: backbone shapes to time (default wrn50 and efficientnet_lite0)."),
     ] = None,
     sweep: Annotated[
         bool, typer.Option("--sweep", help="CUDA: also time every fused-kernel block-rows variant.")
@@ -96,6 +113,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / fastest unit."""
+    check_output_file(json_out, "--json")
     ks = tuple(k or (5, 50))
     con = Console(width=max(120, Console().width))
     selection = select().to_dict()
@@ -106,7 +124,8 @@ def bench(
         markup=False,
     )
     if matcher == "cuda":
-        shapes = [cuda_bench.BACKBONES[b] for b in (backbone or ["wrn50", "efficientnet_lite0"])]
+        names = [b.value for b in backbone] if backbone else ["wrn50", "efficientnet_lite0"]
+        shapes = [cuda_bench.BACKBONES[b] for b in names]
         variants: list[int | None] = [None, 128, 64, 32, 16] if sweep else [None]
         rows = []
         for s in shapes:
@@ -159,7 +178,7 @@ def bench(
         con.print(t)
     if json_out:
         report = {"auto_selection": selection, "rows": rows}
-        atomic_write_text(json_out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(json_out, json_text(report, indent=2) + "\n")
 
 
 def _compare(

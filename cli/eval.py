@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from spade_edge.cli._common import (
@@ -17,8 +15,15 @@ from spade_edge.cli._common import (
     KOpt,
     MatcherOpt,
     atomic_write_text,
+    batch_size_opt,
+    check_output_file,
+    far_opt,
+    handle_errors,
+    json_text,
     make_main,
+    out_console,
     resolve_k,
+    text,
 )
 from spade_edge.runtime.evaluate import evaluate
 
@@ -26,6 +31,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
 
 @app.command()
+@handle_errors
 def evaluate_cmd(
     model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
     data_dir: Annotated[
@@ -39,13 +45,14 @@ def evaluate_cmd(
     k_gallery: KGalleryOpt = None,
     backend: BackendOpt = "auto",
     matcher: MatcherOpt = "numpy",
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    batch_size: Annotated[int, batch_size_opt("Images per inference batch.")] = 8,
     far: Annotated[
-        float, typer.Option(help="False-alarm rate for thresholds from train/good (0 = skip).")
+        float, far_opt("False-alarm rate for thresholds from train/good (0 = skip).")
     ] = 0.01,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Reproduce the SPADE protocol's numbers on real data."""
+    check_output_file(json_out, "--json")
     ki, kg = resolve_k(k, k_image, k_gallery)
     report = evaluate(
         model,
@@ -59,7 +66,9 @@ def evaluate_cmd(
         far=far or None,
     )
     t = Table(
-        title=f"SPADE on {data_dir} (K image {report['k_image']}, gallery {report['k_gallery']})"
+        title=text(
+            f"SPADE on {data_dir} (K image {report['k_image']}, gallery {report['k_gallery']})"
+        )
     )
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -74,9 +83,9 @@ def evaluate_cmd(
         if key in report:
             t.add_row(key, f"{report[key]:.4f}")
     t.add_row("ms per test image", f"{report['seconds']['per_test_image_ms']:.1f}")
-    Console().print(t)
+    out_console.print(t)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(json_out, json_text(report, indent=2) + "\n")
 
 
 main = make_main(app)

@@ -16,8 +16,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from spade_edge.cli._common import make_main
+from spade_edge.cli._common import handle_errors, json_text, make_main, out_console, text
 from spade_edge.runtime import engine_file
 from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
@@ -105,15 +106,15 @@ def inspect_file(path: str | Path, verify: bool = False) -> dict[str, Any]:
     raise FormatError(f"{p}: not a spade-edge artifact (magic {head!r}); it {guess}")
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any) -> Text:
     if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=True)
-    return str(v)
+        return text(json.dumps(v, sort_keys=True))
+    return text(v)
 
 
 def render(info: dict[str, Any], console: Console) -> None:
     """Human view: key/value table, then the blob table when there is one."""
-    t = Table(title=f"{info.get('kind', '?')}: {info.get('path', '')}", show_header=False)
+    t = Table(title=text(f"{info.get('kind', '?')}: {info.get('path', '')}"), show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     for k, v in info.items():
@@ -138,14 +139,16 @@ def render(info: dict[str, Any], console: Console) -> None:
             )
         elif k.endswith("_bytes") and isinstance(v, int):
             v = f"{v:,} B ({v / 1e6:.3f} MB)"
-        t.add_row(k, _fmt(v))
+        t.add_row(text(k), _fmt(v))
     if "contract" in info:
         c = info["contract"]
         t.add_row(
             "preprocessing",
-            f"{c.get('color')} resize {c.get('resize')} ({c.get('resize_interpolation')}, "
-            f"antialias={c.get('antialias')}) → centre-crop {c.get('image_size')}, "
-            f"mean {c.get('mean')} std {c.get('std')}",
+            text(
+                f"{c.get('color')} resize {c.get('resize')} ({c.get('resize_interpolation')}, "
+                f"antialias={c.get('antialias')}) → centre-crop {c.get('image_size')}, "
+                f"mean {c.get('mean')} std {c.get('std')}"
+            ),
         )
     console.print(t)
     blobs = info.get("blobs")
@@ -154,7 +157,9 @@ def render(info: dict[str, Any], console: Console) -> None:
         for col in ("name", "dtype", "shape", "bytes"):
             bt.add_column(col, justify="right" if col == "bytes" else "left")
         for name, b in blobs.items():
-            bt.add_row(name, b["dtype"], "x".join(map(str, b["shape"])), f"{b['nbytes']:,}")
+            bt.add_row(
+                text(name), text(b["dtype"]), "x".join(map(str, b["shape"])), f"{b['nbytes']:,}"
+            )
         console.print(bt)
 
 
@@ -166,6 +171,7 @@ app = typer.Typer(
 
 
 @app.command()
+@handle_errors
 def inspect_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Model, gallery or engine file.")],
     verify: Annotated[
@@ -176,9 +182,9 @@ def inspect_command(
     """Print what FILE is and what it holds (headers only unless --verify)."""
     info = inspect_file(file, verify)
     if as_json:
-        typer.echo(json.dumps(info, indent=2, sort_keys=False))
+        typer.echo(json_text(info, indent=2))
     else:
-        render(info, Console())
+        render(info, out_console)
 
 
 main = make_main(app)

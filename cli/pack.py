@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spade_edge.cli._common import make_main, warn
+from spade_edge.cli._common import handle_errors, make_main, warn
 from spade_edge.runtime.fileio import display_name
 from spade_edge.runtime.packer import pack
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 
 
 @app.command()
+@handle_errors
 def pack_command(
     model: Annotated[
         Path,

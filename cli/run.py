@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,16 +17,22 @@ from spade_edge.cli._common import (
     KOpt,
     MatcherOpt,
     atomic_write_text,
-    err_console,
+    batch_size_opt,
+    check_output_dir,
+    check_output_file,
+    error,
+    handle_errors,
+    json_text,
     make_main,
     progress,
     resolve_k,
+    threshold_opt,
     warn,
 )
 from spade_edge.runtime.detector import Detector
-from spade_edge.runtime.errors import InputError, SpadeError
+from spade_edge.runtime.errors import SpadeError
 from spade_edge.runtime.preprocess import list_images
-from spade_edge.runtime.visualize import overlay, save_png
+from spade_edge.runtime.visualize import save_maps
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -43,6 +48,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 @app.command()
+@handle_errors
 def run(
     model: Annotated[
         Path,
@@ -57,10 +63,12 @@ def run(
     k_image: KImageOpt = None,
     k_gallery: KGalleryOpt = None,
     threshold: Annotated[
-        float | None, typer.Option(help="Image-score threshold (overrides the gallery's).")
+        float | None,
+        threshold_opt("--threshold", "Image-score threshold (overrides the gallery's)."),
     ] = None,
     pixel_threshold: Annotated[
-        float | None, typer.Option(help="Pixel threshold for masks (overrides the gallery's).")
+        float | None,
+        threshold_opt("--pixel-threshold", "Pixel threshold for masks (overrides the gallery's)."),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write JSON lines here instead of stdout.")
@@ -71,7 +79,7 @@ def run(
     ] = None,
     backend: BackendOpt = "auto",
     matcher: MatcherOpt = "numpy",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 1,
+    batch_size: Annotated[int, batch_size_opt("Images per inference call.")] = 1,
     verify: Annotated[
         bool,
         typer.Option(
@@ -88,15 +96,18 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Score images against normal parts: score, verdict and anomaly map per image."""
+    """Score images against normal parts: score, verdict and anomaly map per image.
+
+    An image that cannot be read or scored is reported (a line on stderr, an ``error`` record)
+    and the others are still scored; the exit code is then that of the first failure
+    (2 for an unreadable image). Reports are written once, at the end, atomically.
+    """
+    check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
     # the CLI prints the Detector's warnings itself; keep its log records from printing twice
     logging.getLogger("spade_edge.runtime.detector").addHandler(logging.NullHandler())
     paths = list_images(images)
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{out}: cannot create output folder: {e.strerror or e}") from None
+    check_output_dir(out, "--out")
     ki, kg = resolve_k(k, k_image, k_gallery)
     runner_options = None
     if triton is not None:
@@ -126,27 +137,19 @@ def run(
         warn(f"{gallery}: {det.thresholds_warning}")
     records: list[dict[str, Any]] = []
     used: set[str] = set()
-    failed = 0
+    failed: list[SpadeError] = []
     sink = None if json_out is None else io.StringIO()
     with det, progress(len(paths), "scoring", enabled=len(paths) > 1) as advance:
         for path, res in det.predict_paths(paths, batch_size=batch_size):
             if isinstance(res, SpadeError):
-                failed += 1
+                failed.append(res)
                 rec: dict[str, Any] = {"image": str(path), "error": str(res)}
-                err_console.print(f"[bold red]error:[/] {res}", soft_wrap=True)
+                error(str(res))
             else:
                 rec = res.to_record()
                 if out is not None:
-                    stem = _unique_stem(path, used)
-                    full = res.full_map()
-                    vmax = 1.2 * res.pixel_threshold if res.pixel_threshold else float(full.max())
-                    save_png(overlay(res.rgb, full, vmax), out / f"{stem}_overlay.png")
-                    rec["overlay"] = str(out / f"{stem}_overlay.png")
-                    mask = res.defect_mask()
-                    if mask is not None:
-                        save_png((mask * 255).astype("uint8"), out / f"{stem}_mask.png")
-                        rec["mask"] = str(out / f"{stem}_mask.png")
-            line = json.dumps(rec)
+                    rec |= save_maps(res, out, _unique_stem(path, used))
+            line = json_text(rec)
             if sink is None:
                 typer.echo(line)
             else:
@@ -162,8 +165,8 @@ def run(
         w.writerows(records)
         atomic_write_text(csv_out, buf.getvalue())
     if failed:
-        err_console.print(f"[bold red]{failed} of {len(paths)} images failed[/]")
-        raise typer.Exit(1)
+        error(f"{len(failed)} of {len(paths)} images failed")
+        raise typer.Exit(failed[0].exit_code)
 
 
 main = make_main(app)

@@ -12,6 +12,7 @@ from spade_edge.cli._common import (
     KGalleryOpt,
     KImageOpt,
     KOpt,
+    handle_errors,
     make_main,
     progress,
     resolve_k,
@@ -23,6 +24,7 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
+@handle_errors
 def threshold(
     gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
     out: Annotated[

@@ -247,7 +247,8 @@ def test_cli_unwritable_output(tmp_path, monkeypatch, capsys):
         "-o",
         str(blocker / "m.onnx"),
     )
-    assert code == ExportError.exit_code and "cannot write" in err and "notadir" in err
+    # checked before the export runs (issue 11, defect 12): an input error, not a failed export
+    assert code == InputError.exit_code and "cannot write" in err and "notadir" in err
 
 
 def test_cli_option_checks(tmp_path, monkeypatch, capsys):
