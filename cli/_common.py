@@ -68,27 +68,36 @@ def json_text(obj: Any, indent: int | None = None) -> str:
 # ------------------------------------------------------------------------------ validators
 
 
-def _finite(name: str, lo: float | None = None, hi: float | None = None, hi_open: bool = False):
-    """A typer callback: the float must be finite and within [lo, hi] (or [lo, hi))."""
+def _finite(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[float | None], float | None]:
+    """A typer callback: the float must be finite and within the given bounds."""
 
     def check(value: float | None) -> float | None:
         if value is None:
             return value
-        bad = not math.isfinite(value)
-        bad = bad or (lo is not None and value < lo)
-        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
-        if bad:
-            rng = f" in [{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None else ""
-            rng = rng or (f" >= {lo:g}" if lo is not None else "")
+        ok = math.isfinite(value)
+        ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            if hi is not None:
+                rng = f" in {left}{lo:g}, {hi:g}{right}"
+            else:
+                rng = f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
             raise typer.BadParameter(f"{value!r} is not a finite number{rng}")
         return value
 
-    check.__name__ = f"check_{name}"
     return check
 
 
-check_far = _finite("far", 0.0, 1.0, hi_open=True)
-check_threshold = _finite("threshold", 0.0)
+#: a false-alarm rate where 0 means "no thresholds" (spade pack, spade eval)
+check_far = _finite(0.0, 1.0, hi_open=True)
+#: a false-alarm rate thresholds are computed at (spade threshold)
+check_far_positive = _finite(0.0, 1.0, lo_open=True, hi_open=True)
+#: a score threshold: finite and >= 0 (a NaN threshold would pass every part)
+check_threshold = _finite(0.0)
 
 KOpt = Annotated[
     int | None, typer.Option("--k", min=1, help="Sets both --k-image and --k-gallery.")
@@ -117,13 +126,15 @@ def batch_size_opt(default_help: str) -> Any:
     return typer.Option("--batch-size", min=1, help=default_help)
 
 
-def far_opt(help_text: str) -> Any:
-    """``--far RATE``: a finite false-alarm rate in [0, 1) (0 = no thresholds where allowed)."""
-    return typer.Option("--far", callback=check_far, help=help_text)
+def far_opt(help_text: str, allow_zero: bool = True) -> Any:
+    """``--far RATE``: a finite false-alarm rate in [0, 1) (0 = no thresholds), or (0, 1)."""
+    return typer.Option(
+        "--far", callback=check_far if allow_zero else check_far_positive, help=help_text
+    )
 
 
 def threshold_opt(flag: str, help_text: str) -> Any:
-    """A score threshold: finite and >= 0 (a NaN threshold would pass every part)."""
+    """A score threshold option (``check_threshold``)."""
     return typer.Option(flag, callback=check_threshold, help=help_text)
 
 

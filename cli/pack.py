@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from spade_edge.cli._common import handle_errors, make_main, warn
+from spade_edge.cli._common import (
+    batch_size_opt,
+    check_output_file,
+    far_opt,
+    handle_errors,
+    make_main,
+    out_console,
+    text,
+    warn,
+)
 from spade_edge.runtime.fileio import display_name
 from spade_edge.runtime.packer import pack
 
@@ -35,9 +43,7 @@ def pack_command(
         ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Gallery file to write.")],
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images per inference batch.")
-    ] = 8,
+    batch_size: Annotated[int, batch_size_opt("Images per inference batch.")] = 8,
     backend: Annotated[str, typer.Option("--backend", help="auto | ort | ort-gpu | trt")] = "auto",
     add_to: Annotated[
         Path | None,
@@ -58,15 +64,15 @@ def pack_command(
     ] = True,
     far: Annotated[
         float | None,
-        typer.Option(
-            "--far",
-            help="Store thresholds at this false-alarm rate on the normal images "
+        far_opt(
+            "Store thresholds at this false-alarm rate on the normal images "
             "(leave-one-out, needs >= 10 images; 0 = none; default 0.01, or the base "
-            "gallery's settings with --add-to). Computed before the gallery is written.",
+            "gallery's settings with --add-to). Computed before the gallery is written."
         ),
     ] = None,
 ) -> None:
     """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
+    check_output_file(output, "-o")
     # the CLI prints the skips itself; keep the library's log records from printing twice
     logging.getLogger("spade_edge.runtime.packer").addHandler(logging.NullHandler())
     r = pack(
@@ -86,7 +92,7 @@ def pack_command(
         warn(f"skipped {display_name(why)}")  # the reason names the file
     for name, other in r.skipped_duplicates:
         warn(f"skipped {display_name(name)}: same content as {display_name(other)}")
-    t = Table(title=f"gallery written: {display_name(str(r.path))}", show_header=False)
+    t = Table(title=text(f"gallery written: {display_name(str(r.path))}"), show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     t.add_row("images in gallery", str(r.n_images))
@@ -108,7 +114,7 @@ def pack_command(
         )
     elif r.thresholds_note:
         warn(f"{display_name(str(output))}: {r.thresholds_note}")
-    Console().print(t)
+    out_console.print(t)
 
 
 main = make_main(app)

@@ -30,7 +30,7 @@ from spade_edge.cli._common import (
     warn,
 )
 from spade_edge.runtime.detector import Detector
-from spade_edge.runtime.errors import SpadeError
+from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.preprocess import list_images
 from spade_edge.runtime.visualize import save_maps
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,10 @@ from spade_edge.cli._common import (
     KGalleryOpt,
     KImageOpt,
     KOpt,
+    check_output_file,
+    far_opt,
     handle_errors,
+    json_text,
     make_main,
     progress,
     resolve_k,
@@ -31,19 +33,21 @@ def threshold(
         Path | None, typer.Option("-o", "--out", help="Write here (default: replace GALLERY).")
     ] = None,
     far: Annotated[
-        float, typer.Option(help="False-alarm rate on normal parts (image and mask level).")
+        float,
+        far_opt("False-alarm rate on normal parts (image and mask level).", allow_zero=False),
     ] = 0.01,
     k: KOpt = None,
     k_image: KImageOpt = None,
     k_gallery: KGalleryOpt = None,
 ) -> None:
     """Leave-one-out over normal images -> image and pixel thresholds in the gallery manifest."""
+    check_output_file(out if out is not None else gallery, "-o" if out is not None else "GALLERY")
     ki, kg = resolve_k(k, k_image, k_gallery)
     with Gallery.open(gallery) as g:
         n = g.n_images
     with progress(n, "leave-one-out") as advance:
         th = calibrate_gallery(gallery, out, far=far, k_image=ki, k_gallery=kg, progress=advance)
-    typer.echo(json.dumps(th))
+    typer.echo(json_text(th))
 
 
 main = make_main(app)

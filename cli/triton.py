@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from spade_edge.cli._common import KGalleryOpt, KImageOpt, KOpt, make_main, resolve_k
+from spade_edge.cli._common import (
+    KGalleryOpt,
+    KImageOpt,
+    KOpt,
+    check_output_dir,
+    handle_errors,
+    json_text,
+    make_main,
+    resolve_k,
+)
 from spade_edge.runtime.errors import InputError
+from spade_edge.triton.repository import RepoOptions, write_repository
+from spade_edge.triton.server import load_model
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -29,6 +39,7 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
 
 
 @app.command()
+@handle_errors
 def triton(
     model: Annotated[Path, typer.Argument(help="Exported ONNX model (spade-export).")],
     gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
@@ -72,9 +83,7 @@ def triton(
     ] = None,
 ) -> None:
     """Write MODEL + GALLERY as the next version of model `spade` in a Triton repository."""
-    from spade_edge.triton.repository import RepoOptions, write_repository
-    from spade_edge.triton.server import load_model
-
+    check_output_dir(out, "--out")
     ki, kg = resolve_k(k, k_image, k_gallery)
     opts = RepoOptions(
         instances=instances,
@@ -105,7 +114,7 @@ def triton(
         if wv.backbone_version is not None:
             load_model(load, "spade_backbone")
         rec["load_seconds"] = round(load_model(load, "spade"), 3)
-    typer.echo(json.dumps(rec, allow_nan=False))
+    typer.echo(json_text(rec))
 
 
 main = make_main(app)
