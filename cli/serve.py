@@ -18,7 +18,13 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.cli._common import BackendOpt, MatcherOpt, make_main
+from spade_edge.cli._common import (
+    BackendOpt,
+    MatcherOpt,
+    check_output_file,
+    handle_errors,
+    make_main,
+)
 from spade_edge.runtime.errors import BackendUnavailableError, InputError
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
@@ -32,8 +38,7 @@ def _need_extra() -> None:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise BackendUnavailableError(
-            f"spade-serve needs the serve extra ({e.name} missing): "
-            "pip install 'spade-edge\\[serve]'"
+            f"spade-serve needs the serve extra ({e.name} missing): pip install 'spade-edge[serve]'"
         ) from None
 
 
@@ -56,6 +61,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 @app.command()
+@handle_errors
 def serve(
     model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
     gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack (version 1).")],
@@ -111,6 +117,7 @@ def serve(
 ) -> None:
     """Serve verdicts over HTTP: API v1, result archive, live gallery updates, metrics."""
     _need_extra()
+    # the [serve] extra (fastapi, uvicorn) loads only for this command, never for `spade --help`
     import uvicorn
 
     from spade_edge.serve import InspectionService, ServeConfig, create_app
@@ -137,7 +144,7 @@ def serve(
         insecure=insecure,
         verify=verify,
     ).validate()
-    from spade_edge.station.app import Station
+    from spade_edge.station.app import Station  # with the [serve] extra, as above
 
     # specs are parsed here: a bad --source/--sink is one line before anything loads
     st = Station(source or (), sink or (), station=station, fps=fps)
@@ -173,13 +180,15 @@ def serve(
 
 
 @export_app.command("export-results")
+@handle_errors
 def export_results(
     archive: Annotated[Path, typer.Argument(help="spade-serve archive folder.")],
     csv_out: Annotated[Path, typer.Option("--csv", help="CSV file to write.")],
     since_id: Annotated[int, typer.Option(min=0, help="Only results with a larger id.")] = 0,
 ) -> None:
     """Write archived results as CSV (for MES); safe beside a running server."""
-    from spade_edge.serve.archive import export_csv
+    check_output_file(csv_out, "--csv")
+    from spade_edge.serve.archive import export_csv  # spade_edge.serve needs the [serve] extra
 
     n = export_csv(archive, csv_out, since_id=since_id)
     typer.echo(f"{n} results -> {csv_out}", err=True)

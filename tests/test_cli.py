@@ -35,6 +35,7 @@ SCRIPTS = {
     "spade-inspect": "spade_edge.cli.inspect",
     "spade-demo": "spade_edge.cli.demo",
     "spade-triton": "spade_edge.cli.triton",
+    "spade-serve": "spade_edge.cli.serve",
     "spade": "spade_edge.cli.app",
 }
 
