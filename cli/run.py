@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from pathlib import Path
@@ -22,7 +21,6 @@ from spade_edge.cli._common import (
     check_output_file,
     error,
     handle_errors,
-    json_text,
     make_main,
     progress,
     resolve_k,
@@ -32,11 +30,10 @@ from spade_edge.cli._common import (
 from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.preprocess import list_images
+from spade_edge.runtime.records import csv_text, dumps_record, path_fields
 from spade_edge.runtime.visualize import save_maps
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich")
-
-CSV_FIELDS = ["image", "score", "threshold", "anomalous", "map_max", "defect_fraction", "error"]
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -143,13 +140,13 @@ def run(
         for path, res in det.predict_paths(paths, batch_size=batch_size):
             if isinstance(res, SpadeError):
                 failed.append(res)
-                rec: dict[str, Any] = {"image": str(path), "error": str(res)}
+                rec: dict[str, Any] = {**path_fields(path), "error": str(res)}
                 error(str(res))
             else:
                 rec = res.to_record()
                 if out is not None:
                     rec |= save_maps(res, out, _unique_stem(path, used))
-            line = json_text(rec)
+            line = dumps_record(rec)  # strict JSON, UTF-8-clean, names lossless
             if sink is None:
                 typer.echo(line)
             else:
@@ -159,11 +156,7 @@ def run(
     if json_out is not None and sink is not None:
         atomic_write_text(json_out, sink.getvalue())
     if csv_out is not None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(records)
-        atomic_write_text(csv_out, buf.getvalue())
+        atomic_write_text(csv_out, csv_text(records))
     if failed:
         error(f"{len(failed)} of {len(paths)} images failed")
         raise typer.Exit(failed[0].exit_code)
