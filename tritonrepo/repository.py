@@ -17,7 +17,6 @@ loads it with ``POST /v2/repository/models/spade/load`` while the old one keeps 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from typing import Any
 
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import CompatibilityError, InputError
-from spade_edge.runtime.fileio import write_atomic
+from spade_edge.runtime.fileio import utc_timestamp, write_atomic
 from spade_edge.runtime.runners import auto_backend
 
 MODEL = "spade"
@@ -277,7 +276,7 @@ def write_repository(
         "fingerprint": fingerprint,
         "source_model": str(model.resolve()),
         "source_gallery": str(gallery.resolve()),
-        "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": utc_timestamp(),
         **info,
     }
     files = {"model.onnx": model, "gallery.bin": gallery}
