@@ -170,44 +170,20 @@ def _remote_backbone(
 
 @contextlib.contextmanager
 def serve_process(model: Path, gallery: Path, archive: Path) -> Iterator[str]:
-    """spade-serve on a free loopback port (its CLI when present, else create_app + uvicorn)."""
+    """spade-serve (its CLI) on a free loopback port; stopped with SIGTERM whatever happens."""
     from spade_edge.triton.server import free_port
 
     port = free_port()
-    try:
-        import spade_edge.cli.serve  # noqa: F401
-
-        argv = [
-            sys.executable,
-            "-m",
-            "spade_edge.cli.serve",
-            str(model),
-            str(gallery),
-            "--port",
-            str(port),
-            "--archive",
-            str(archive),
-            "--keep-images",
-            "none",
-        ]
-    except ImportError:
-        code = (
-            "import sys, uvicorn\n"
-            "from pathlib import Path\n"
-            "from spade_edge.serve import create_app\n"
-            "from spade_edge.serve.config import ServeConfig\n"
-            "cfg = ServeConfig(model=Path(sys.argv[1]), gallery=Path(sys.argv[2]),"
-            " archive=Path(sys.argv[3]), port=int(sys.argv[4]), keep_images='none')\n"
-            "uvicorn.run(create_app(cfg), host='127.0.0.1', port=cfg.port, log_level='warning')\n"
-        )
-        argv = [sys.executable, "-c", code, str(model), str(gallery), str(archive), str(port)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = [sys.executable, "-m", "spade_edge.cli.serve", str(model), str(gallery)]
+    argv += ["--port", str(port), "--archive", str(archive), "--keep-images", "none"]
+    log = archive.with_name("serve.log").open("wb")  # a file: a pipe nobody reads fills up
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                err = archive.with_name("serve.log").read_text(errors="replace")
                 raise RuntimeError(f"spade-serve exited {proc.returncode}: {err[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
@@ -227,8 +203,7 @@ def serve_process(model: Path, gallery: Path, archive: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
-        if proc.stderr:
-            proc.stderr.close()
+        log.close()
 
 
 def bench_serve(
