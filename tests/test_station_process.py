@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +20,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_support import make_gallery, normal_array, png_bytes, server_process
+from serve_support import (
+    free_port,
+    make_gallery,
+    normal_array,
+    png_bytes,
+    serve_argv,
+    server_process,
+)
 from station_helpers import wait_until
 
 N_FILES = 40
@@ -31,11 +40,17 @@ def drop(folder: Path, name: str, data: bytes) -> None:
     os.replace(tmp, folder / name)
 
 
-def test_watch_folder_survives_kill_9_mid_stream(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tiny_model import make_tiny_model
 
-    model = make_tiny_model(tmp_path / "tiny.onnx", image_size=32)
-    gallery = make_gallery(model, tmp_path / "g")
+    d = tmp_path_factory.mktemp("station_process")
+    model = make_tiny_model(d / "tiny.onnx", image_size=32)
+    return model, make_gallery(model, d / "g")
+
+
+def test_watch_folder_survives_kill_9_mid_stream(artifacts, tmp_path: Path) -> None:
+    model, gallery = artifacts
     watch = tmp_path / "in"
     watch.mkdir()
     archive = tmp_path / "archive"
@@ -75,3 +90,47 @@ def test_watch_folder_survives_kill_9_mid_stream(tmp_path: Path) -> None:
     counts = Counter(part for part, _ in rows)
     assert counts == Counter({n[:-4]: 1 for n in names})  # each exactly once
     assert {src for _, src in rows} == {"watch"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("--source=bogus:/x", "unknown kind"),
+        ("--source=genicam:/nonexistent/producer.cti", "GenTL producer file not found"),
+        ("--sink=mqtt://127.0.0.1:1883/a/#", "must not contain"),
+    ],
+)
+def test_cli_bad_spec_is_one_line_before_loading(artifacts, tmp_path, spec, needle) -> None:
+    model, gallery = artifacts
+    argv = serve_argv(model, gallery, tmp_path / "a", free_port(), spec)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "a").exists()  # refused before the archive was created
+
+
+def test_sigterm_ends_open_event_streams_and_exits_0(artifacts, tmp_path: Path) -> None:
+    import httpx
+
+    model, gallery = artifacts
+    with server_process(model, gallery, tmp_path / "a") as (proc, url):
+        opened = threading.Event()
+        ended: list[float] = []
+
+        def listen() -> None:
+            with httpx.Client(timeout=60) as c, c.stream("GET", f"{url}/v1/events") as r:
+                opened.set()
+                for _ in r.iter_lines():
+                    pass
+            ended.append(time.monotonic())
+
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        assert opened.wait(20)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        t.join(timeout=10)
+        # the stream ended by itself, well before uvicorn's graceful timeout (--timeout-s + 5)
+        assert ended and ended[0] - t0 < 10
