@@ -64,7 +64,8 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {folder}/\nautosave_interval 1\n"
-            f"log_dest file {folder}/mosquitto.log\n"
+            f"log_dest file {folder}/mosquitto.log\n" + ("user root\n" if os.geteuid() == 0 else "")
+            # as root mosquitto drops to user "mosquitto", which cannot write the test folder
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

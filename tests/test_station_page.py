@@ -172,8 +172,9 @@ def test_rollback_from_gallery_panel_and_screenshots(server: str, browser: Any) 
     try:
         v = gallery_version(server)
         assert v == v0 + 1
-        page.evaluate(f"sessionStorage.setItem('spade-edge-token', '{TOKEN}')")
         page.get_by_role("button", name=f"Roll back to gallery v{v - 1}").click()
+        page.fill("#gal-token-input", TOKEN)  # asked here when no token was given yet
+        page.keyboard.press("Enter")
         page.wait_for_selector("#gallery-msg.ok", timeout=20_000)
         assert gallery_version(server) == v - 1
         SHOTS.mkdir(parents=True, exist_ok=True)

@@ -250,3 +250,46 @@ def test_webhook_gives_up_after_retries_on_dead_endpoint() -> None:
         assert sink.pending == 0
     finally:
         sink.stop(timeout=1)
+
+
+def test_mqtt_login_with_password_file(tmp_path: Path) -> None:
+    from station_helpers import need_binary
+
+    from spade_edge.runtime.errors import ConfigError
+    from spade_edge.station.sinks import open_sink
+
+    passwd = need_binary("mosquitto_passwd", "mosquitto")
+    pw_db = tmp_path / "passwd"
+    subprocess.run([passwd, "-c", "-b", str(pw_db), "station", "pa55"], check=True)
+    broker = Mosquitto(tmp_path / "broker")
+    broker.conf.write_text(
+        broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+        + f"password_file {pw_db}\n"
+    )
+    (tmp_path / "good").write_text("pa55\n")
+    (tmp_path / "bad").write_text("nope\n")
+    broker.start()
+    sinks = []
+    try:
+        good = open_sink(
+            f"mqtt://127.0.0.1:{broker.port}/a?username=station&password_file={tmp_path}/good",
+            "s1",
+        )
+        bad = open_sink(
+            f"mqtt://127.0.0.1:{broker.port}/b?username=station&password_file={tmp_path}/bad"
+            "&backoff_min=0.1&backoff_max=0.2",
+            "s1",
+        )
+        for s in (good, bad):
+            s.start()
+            sinks.append(s)
+            s.submit(result(1))
+        wait_until(lambda: good.pending == 0, 15)
+        time.sleep(0.5)
+        assert bad.pending == 1 and not bad.connected  # refused: held, not lost
+    finally:
+        for s in sinks:
+            s.stop(timeout=0.5)
+        broker.stop()
+    with pytest.raises(ConfigError, match="password_file needs username"):
+        open_sink(f"mqtt://127.0.0.1:1/a?password_file={tmp_path}/good", "s1")

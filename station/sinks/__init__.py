@@ -16,7 +16,16 @@ SINKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mqtt": (
         "spade_edge.station.sinks.mqtt",
         "MqttSink",
-        ("buffer", "backoff_min", "backoff_max", "keepalive", "client_id", "ack_timeout"),
+        (
+            "buffer",
+            "backoff_min",
+            "backoff_max",
+            "keepalive",
+            "client_id",
+            "ack_timeout",
+            "username",
+            "password_file",
+        ),
     ),
     "opcua": ("spade_edge.station.sinks.opcua", "OpcUaSink", ("buffer",)),
     "webhook": (

@@ -5,19 +5,34 @@ last will ``offline`` (retained) when the station vanishes. paho's network threa
 exponential backoff (``backoff_min``..``backoff_max`` seconds). Delivery is at-least-once: a
 result leaves the bounded buffer only when the broker acknowledged it (PUBACK), so results
 produced while the broker is down are published, in order, once it is back; a result sent just
-before a connection drop may arrive twice (consumers de-duplicate on ``id``).
+before a connection drop may arrive twice (consumers de-duplicate on ``id``). A broker that
+wants a login: ``?username=U&password_file=F``.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError
 from spade_edge.station.sinks.base import DEFAULT_BUFFER, BufferedSink, log
 from spade_edge.station.spec import Spec
+
+
+def _read_password(spec: Spec) -> str | None:
+    """``password_file=F``: the broker password (never on the command line, never logged)."""
+    path = spec.options.get("password_file")
+    if path is None:
+        return None
+    if "username" not in spec.options:
+        raise ConfigError(f"sink {spec.text!r}: password_file needs username=")
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"sink {spec.text!r}: cannot read password_file {path}: {e}") from None
 
 
 class MqttSink(BufferedSink):
@@ -38,6 +53,8 @@ class MqttSink(BufferedSink):
         keepalive: int = 30,
         client_id: str | None = None,
         ack_timeout: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         super().__init__(f"mqtt://{host}:{port}/{prefix}", buffer)
         base = "/".join(p for p in (prefix.strip("/"), station) if p)
@@ -48,6 +65,7 @@ class MqttSink(BufferedSink):
         self.keepalive = keepalive
         self.client_id = client_id or f"spade-edge-{station}"
         self.ack_timeout = ack_timeout
+        self.username, self.password = username, password
         self._connected = threading.Event()
         self._closing = False
         self._client: Any = None
@@ -76,6 +94,8 @@ class MqttSink(BufferedSink):
             keepalive=spec.integer("keepalive", 30, minimum=5),
             client_id=spec.options.get("client_id"),
             ack_timeout=spec.number("ack_timeout", 5.0, minimum=0.1),
+            username=spec.options.get("username"),
+            password=_read_password(spec),
         )
 
     def open(self) -> None:
@@ -89,6 +109,8 @@ class MqttSink(BufferedSink):
             mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True
         )
         c.will_set(self.status_topic, payload="offline", qos=1, retain=True)
+        if self.username is not None:
+            c.username_pw_set(self.username, self.password)
         c.reconnect_delay_set(min_delay=self.backoff[0], max_delay=self.backoff[1])  # type: ignore[arg-type]
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

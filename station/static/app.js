@@ -13,6 +13,7 @@ const state = {
   points: [], // {t: ms, score, anomalous}
   gallery: null,
   current: null, // result shown in the review dialog
+  pendingRollback: null, // version chosen before the token was given
   es: null,
 };
 
@@ -257,18 +258,23 @@ async function withToken(msgEl, call) {
 async function rollback(version, button) {
   const msg = $("gallery-msg");
   const tok = token();
-  if (!tok) {
-    msg.className = "msg error";
-    msg.textContent = "Open a part and enter the operator token once, then roll back.";
+  if (!tok) { // ask here, then roll back to the version chosen
+    state.pendingRollback = version;
+    msg.className = "msg";
+    msg.textContent = `Enter the operator token to roll back to v${version}.`;
+    $("gal-token").hidden = false;
+    $("gal-token-go").textContent = `Roll back to v${version}`;
+    $("gal-token-input").focus();
     return;
   }
-  button.disabled = true;
+  $("gal-token").hidden = true;
+  if (button) button.disabled = true;
   const r = await withToken(msg, (t) => api("/v1/gallery/rollback", {
     method: "POST",
     headers: { "Content-Type": "application/json", Authorization: `Bearer ${t}` },
     body: JSON.stringify({ version }),
   }));
-  button.disabled = false;
+  if (button) button.disabled = false;
   if (!r) return;
   if (r.ok) {
     msg.className = "msg ok";
@@ -424,6 +430,14 @@ function connect() {
 
 async function init() {
   $("good-form").addEventListener("submit", markGood);
+  $("gal-token").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const typed = $("gal-token-input").value.trim();
+    if (!typed || state.pendingRollback == null) return;
+    sessionStorage.setItem(TOKEN_KEY, typed);
+    $("gal-token-input").value = "";
+    rollback(state.pendingRollback, null);
+  });
   $("rv-close").addEventListener("click", () => $("review").close());
   $("review").addEventListener("click", (ev) => { if (ev.target === $("review")) $("review").close(); });
   window.addEventListener("resize", drawPlot);
