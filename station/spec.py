@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from spade_edge.runtime.errors import ConfigError
 
@@ -49,6 +49,18 @@ class Spec:
         if value < minimum:
             raise ConfigError(f"{self.text}: option {key}={raw!r} must be >= {minimum}")
         return value
+
+
+def host_port(spec: Spec, default_port: int, usage: str) -> tuple[str, int, str]:
+    """(host, port, path) of a URL spec; ``ConfigError`` showing ``usage`` when it is not one."""
+    url = urlsplit(spec.target)
+    if not url.hostname:
+        raise ConfigError(f"sink {spec.text!r}: expected {usage}")
+    try:
+        port = url.port or default_port
+    except ValueError:
+        raise ConfigError(f"sink {spec.text!r}: bad port") from None
+    return url.hostname, port, url.path
 
 
 def parse_spec(text: str, kinds: dict[str, Iterable[str]], what: str) -> Spec:

@@ -67,6 +67,14 @@ def png(value: int = 128, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+async def until(pred: Any, timeout: float = 10.0) -> None:
+    """Await ``pred()`` becoming true (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def drive(src: WatchFolder, svc: Recorder, until: Any, timeout: float = 10.0) -> None:
     task = asyncio.create_task(src.run(svc))
     try:
@@ -93,16 +101,10 @@ def test_watch_scores_once_in_arrival_order_and_sorts_out(tmp_path: Path) -> Non
             for i, n in enumerate(names):  # rename-in convention, one at a time
                 (d / f".{n}").write_bytes(png(10 * i))
                 os.replace(d / f".{n}", d / n)
-                deadline = time.monotonic() + 10
-                while len(svc.parts) < i + 1:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.01)
+                await until(lambda i=i: len(svc.parts) >= i + 1)
             (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
             (d / "partial.png.tmp").write_bytes(b"half")
-            deadline = time.monotonic() + 10
-            while not (d / "failed" / "broken.png").exists():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            await until((d / "failed" / "broken.png").exists)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -132,10 +134,7 @@ def test_watch_waits_for_stable_size(tmp_path: Path) -> None:
                     fh.flush()
                     await asyncio.sleep(0.1)
                     assert not svc.parts, "scored before the file was complete"
-            deadline = time.monotonic() + 10
-            while not svc.parts:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+            await until(lambda: bool(svc.parts))
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -15,11 +15,10 @@ import json
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError
 from spade_edge.station.sinks.base import DEFAULT_BUFFER, BufferedSink, log
-from spade_edge.station.spec import Spec
+from spade_edge.station.spec import Spec, host_port
 
 
 def _read_password(spec: Spec) -> str | None:
@@ -73,18 +72,12 @@ class MqttSink(BufferedSink):
     @classmethod
     def from_spec(cls, spec: Spec, station: str) -> MqttSink:
         """``mqtt://HOST:PORT/PREFIX`` (port 1883 when omitted)."""
-        url = urlsplit(spec.target)
-        if not url.hostname:
-            raise ConfigError(f"sink {spec.text!r}: expected mqtt://HOST:PORT/TOPIC_PREFIX")
-        try:
-            port = url.port or 1883
-        except ValueError:
-            raise ConfigError(f"sink {spec.text!r}: bad port") from None
-        prefix = url.path.strip("/")
+        host, port, path = host_port(spec, 1883, "mqtt://HOST:PORT/TOPIC_PREFIX")
+        prefix = path.strip("/")
         if "#" in spec.target or "+" in prefix:
             raise ConfigError(f"sink {spec.text!r}: topic prefix must not contain '#' or '+'")
         return cls(
-            url.hostname,
+            host,
             port,
             prefix,
             station,

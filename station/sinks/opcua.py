@@ -14,11 +14,10 @@ import asyncio
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
-from urllib.parse import urlsplit
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError
 from spade_edge.station.sinks.base import DEFAULT_BUFFER, BufferedSink, log
-from spade_edge.station.spec import Spec
+from spade_edge.station.spec import Spec, host_port
 
 NAMESPACE = "urn:spade-edge:station"
 
@@ -49,16 +48,8 @@ class OpcUaSink(BufferedSink):
     @classmethod
     def from_spec(cls, spec: Spec, station: str) -> OpcUaSink:
         """``opcua://HOST:PORT`` (port 4840 when omitted)."""
-        url = urlsplit(spec.target)
-        if not url.hostname:
-            raise ConfigError(f"sink {spec.text!r}: expected opcua://HOST:PORT")
-        try:
-            port = url.port or 4840
-        except ValueError:
-            raise ConfigError(f"sink {spec.text!r}: bad port") from None
-        return cls(
-            url.hostname, port, station, buffer=spec.integer("buffer", DEFAULT_BUFFER, minimum=1)
-        )
+        host, port, _ = host_port(spec, 4840, "opcua://HOST:PORT")
+        return cls(host, port, station, buffer=spec.integer("buffer", DEFAULT_BUFFER, minimum=1))
 
     def node_id(self, name: str) -> str:
         """The string node id of one variable, e.g. ``Line1.LastScore`` (in namespace NAMESPACE)."""

@@ -7,6 +7,7 @@ archives the verdict before it returns, so sinks and the page see every part a s
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -15,21 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from spade_edge.runtime.errors import InputError
+
 log = logging.getLogger("spade_edge.station")
-
-
-class Inspector(Protocol):
-    """The part of serve's ``InspectionService`` that sources use."""
-
-    async def inspect(
-        self,
-        data: bytes,
-        *,
-        part_id: str | None = None,
-        station: str | None = None,
-        source: str = "http",
-        source_file: str | None = None,
-    ) -> dict[str, Any]: ...
 
 
 class Source(Protocol):
@@ -38,6 +27,18 @@ class Source(Protocol):
     name: str
 
     async def run(self, service: Any) -> None: ...
+
+
+async def score_frame(service: Any, rgb: np.ndarray, part_id: str, source: str) -> bool:
+    """Encode one admitted frame and inspect it; a frame the service rejects is logged, not
+    fatal (a camera keeps running)."""
+    data = await asyncio.to_thread(encode_png, rgb)
+    try:
+        await service.inspect(data, part_id=part_id, source=source)
+    except InputError as e:
+        log.warning("%s: frame %s rejected: %s", source, part_id, e)
+        return False
+    return True
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, InputError
-from spade_edge.station.sources.base import FrameGate, encode_png, log
+from spade_edge.station.sources.base import FrameGate, log, score_frame
 from spade_edge.station.spec import Spec
 
 
@@ -114,13 +114,8 @@ class Camera:
                     rgb, t = got
                     if not self.gate.admit(rgb, t):
                         continue
-                    data = await asyncio.to_thread(encode_png, rgb)
                     part = f"{self.part_prefix}-{self.frames - 1:06d}"
-                    try:
-                        await service.inspect(data, part_id=part, source="camera")
-                        self.scored += 1
-                    except InputError as e:
-                        log.warning("%s: frame %s rejected: %s", self.name, part, e)
+                    self.scored += await score_frame(service, rgb, part, "camera")
             finally:
                 cap, self._cap = self._cap, None
                 await asyncio.to_thread(cap.release)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, InputError
-from spade_edge.station.sources.base import FrameGate, encode_png, log
+from spade_edge.station.sources.base import FrameGate, log, score_frame
 from spade_edge.station.spec import Spec
 
 _BAYER = {
@@ -148,12 +148,7 @@ class GenICamCamera:
                 rgb = await asyncio.to_thread(self._grab)
                 if rgb is None or not self.gate.admit(rgb):
                     continue
-                data = await asyncio.to_thread(encode_png, rgb)
                 part = f"{self.part_prefix}-{self.frames - 1:06d}"
-                try:
-                    await service.inspect(data, part_id=part, source="genicam")
-                    self.scored += 1
-                except InputError as e:
-                    log.warning("%s: frame %s rejected: %s", self.name, part, e)
+                self.scored += await score_frame(service, rgb, part, "genicam")
         finally:
             await asyncio.to_thread(self._close)
