@@ -38,7 +38,7 @@ from spade_edge.runtime.runners.ort import OrtRunner
 #: accepted at conversion: a guard against broken conversions (overflow, a mis-typed node),
 #: not an accuracy claim. Measured: tiny model ~1e-3, Lite0 4.4e-3 on the random batch and up to
 #: 1.3e-2 on bottle images -- all of it from rounding the weights to fp16 (docs/precision.md).
-PARITY_RTOL = 2e-2
+FP16_GUARD_RTOL = 2e-2
 PARITY_BATCH = 2
 #: Ops kept in fp32 on top of onnxconverter-common's default block list (which already holds
 #: Resize, Upsample, TopK, Range, CumSum, Min, Max, ...). ReduceMean: the pooled feature is a
@@ -81,7 +81,7 @@ def convert_fp16(
     """Convert the fp32 spade-edge model ``src`` to fp16 at ``dst`` (atomic); returns ``dst``.
 
     Always checks parity with the parent on a seeded random batch (ExportError above
-    PARITY_RTOL, nothing written). With ``check_dir`` (normal images), also runs the accuracy
+    FP16_GUARD_RTOL, nothing written). With ``check_dir`` (normal images), also runs the accuracy
     check on held-out normal images that decides whether the fp16 model may reuse galleries
     packed with the parent (lineage, docs/precision.md); without it, it may not.
     """
@@ -125,10 +125,10 @@ def convert_fp16(
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{dst}: ONNX Runtime cannot run the fp16 model: {msg}") from None
         worst = max(rel, key=lambda k: rel[k])
-        if not rel[worst] <= PARITY_RTOL:
+        if not rel[worst] <= FP16_GUARD_RTOL:
             raise ExportError(
                 f"{dst}: fp16 parity check failed: output {worst} differs from fp32 by "
-                f"{rel[worst]:.2e} relative (limit {PARITY_RTOL:.0e}); nothing written"
+                f"{rel[worst]:.2e} relative (limit {FP16_GUARD_RTOL:.0e}); nothing written"
             )
         check = _check(src, tmp_model, check_dir, info.contract, seed)
     tool = {
@@ -160,4 +160,4 @@ def _check(
     return check
 
 
-__all__ = ["EXTRA_FP32_OPS", "PARITY_RTOL", "convert_fp16", "fp16_block_list", "parity"]
+__all__ = ["EXTRA_FP32_OPS", "FP16_GUARD_RTOL", "convert_fp16", "fp16_block_list", "parity"]

@@ -35,7 +35,7 @@ from spade_edge.runtime.fileio import atomic_path
 from spade_edge.runtime.model_meta import graph_fingerprint
 
 #: Largest accepted relative error (max|ort - torch| / max|torch|, per output) of the fp32 export.
-PARITY_RTOL = 1e-4
+TORCH_PARITY_RTOL = 1e-4
 PARITY_BATCH = 2
 DEFAULT_OPSET = 18
 
@@ -219,7 +219,7 @@ def export_onnx(
     seed: int = 0,
     progress: bool = True,
     cache_dir: Path | None = None,
-    rtol: float = PARITY_RTOL,
+    rtol: float = TORCH_PARITY_RTOL,
 ) -> ExportReport:
     """Export ``backbone`` to ``out`` (fp32 ONNX with contract + fingerprint metadata).
 

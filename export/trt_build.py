@@ -225,7 +225,7 @@ def build_engine(
 
     trt = import_tensorrt()
     features = features_for(trt.__version__)
-    cuda = import_pycuda()
+    cuda = import_pycuda("the TensorRT engine builder")
     gpu = CudaDevice.open(cuda, device)
     try:
         with gpu.active():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import os
 import re
 import urllib.error
@@ -24,6 +23,7 @@ from typing import Any
 from spade_edge.export.backbones import BackboneSpec, WeightSource
 from spade_edge.runtime.errors import WeightsError
 from spade_edge.runtime.fileio import atomic_path, file_sha256
+from spade_edge.runtime.registry import import_attr
 
 CHUNK = 1 << 20
 DEFAULT_SEED = 0
@@ -225,9 +225,9 @@ def load_weights(model: Any, state_dict: Mapping[str, Any], source: str) -> None
 
 def _package_file(source: WeightSource) -> Path:
     assert source.package is not None
-    module, _, attr = source.package.partition(":")
+    module = source.package.partition(":")[0]
     try:
-        cls = getattr(importlib.import_module(module), attr)
+        cls = import_attr(source.package)
     except ImportError:
         raise WeightsError(
             f"weights package {source.pip_name or module!r} is not installed; "

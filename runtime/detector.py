@@ -142,9 +142,7 @@ class Detector:
         self.thresholds_warning: str | None = thresholds_problem(gallery) if usable else None
         if self.thresholds_warning and threshold is None:
             log.warning("%s: %s", getattr(gallery, "path", "gallery"), self.thresholds_warning)
-        safe = getattr(runner, "thread_safe", runner.name == "ort") and getattr(
-            matcher, "thread_safe", False
-        )
+        safe = runner.thread_safe and matcher.thread_safe
         self._lock: threading.Lock | None = None if safe else threading.Lock()
 
     @classmethod

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from spade_edge.runtime.matchers.cuda import TILE_DEFINES
+
 ROOT = Path(__file__).resolve().parents[1]
 SIMT_DIR = ROOT / "tests" / "simt"
 KERNEL_DIR = ROOT / "runtime" / "matchers" / "kernels"
@@ -56,6 +58,7 @@ def build(cache: Path) -> Path:
         "-Wno-unknown-pragmas",
         "-fno-strict-aliasing",  # kernels pun registers (uint4 -> __half2), as CUDA code does
         "-DSPADE_SIMT",
+        *(f"-D{k}={v}" for k, v in TILE_DEFINES.items()),  # as CudaMatcher passes them to nvcc
         f"-I{SIMT_DIR}",
         f"-I{SIMT_DIR / 'include'}",
         f"-I{KERNEL_DIR}",

@@ -11,7 +11,14 @@ from test_engine_file import PLAN, fields
 from tiny_model import make_tiny_model
 
 from spade_edge.runtime.engine_file import write_engine_file
-from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
+from spade_edge.runtime.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    FormatError,
+    InputError,
+)
+from spade_edge.runtime.matchers import MATCHERS, open_matcher
+from spade_edge.runtime.registry import backend_options, load_backend
 from spade_edge.runtime.runners import RUNNERS, auto_backend, open_runner
 from spade_edge.runtime.runners.ort_gpu import GPU_PROVIDERS, resolve_providers
 
@@ -119,3 +126,66 @@ def test_provider_names() -> None:
         resolve_providers("CPUExecutionProvider")
     with pytest.raises(InputError, match="no execution provider"):
         resolve_providers([])
+
+
+# ------------------------------------------------------------------------ backend contracts
+def _tiny_gallery(tiny: Path):
+    from spade_edge.runtime.gallery import InMemoryGallery
+
+    with open_runner(tiny) as r:
+        f = r.infer(np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32))
+        return InMemoryGallery.from_features(r.contract, f.levels, f.pooled)
+
+
+def test_unknown_runner_option_is_a_config_error_naming_it(tiny: Path) -> None:
+    with pytest.raises(ConfigError, match=r"runner backend 'ort' has no option 'thread'.*threads"):
+        open_runner(tiny, backend="ort", thread=2)  # typo of threads
+    with pytest.raises(ConfigError, match=r"'ort-gpu' has no option 'devcie'"):
+        open_runner(tiny, backend="ort-gpu", devcie=1)
+
+
+def test_unknown_matcher_option_is_a_config_error_naming_it(tiny: Path) -> None:
+    g = _tiny_gallery(tiny)
+    with pytest.raises(ConfigError, match=r"matcher backend 'numpy' has no option 'k_imag'"):
+        open_matcher(g, "numpy", k_imag=3)
+    with pytest.raises(ConfigError, match=r"matcher backend 'cuda' has no option 'devices'"):
+        open_matcher(g, "cuda", devices=0)  # refused before pycuda is even needed
+
+
+def test_every_backend_declares_thread_safety_and_lifecycle() -> None:
+    for table, kind in ((RUNNERS, "runner"), (MATCHERS, "matcher")):
+        for name in table:
+            try:
+                cls = load_backend(table, name, kind)
+            except BackendUnavailableError:
+                continue  # an optional extra (openvino) not installed here
+            assert isinstance(getattr(cls, "thread_safe", None), bool), name
+            assert callable(cls.__enter__) and callable(cls.__exit__) and callable(cls.close), name
+            assert "_" not in backend_options(cls), name  # no catch-all for options
+
+
+def test_runner_and_matcher_lifecycle(tiny: Path) -> None:
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with open_runner(tiny) as r:
+        f = r.infer(x)
+    with pytest.raises(InputError, match="closed"):
+        r.infer(x)
+    r.close()  # idempotent
+    g = _tiny_gallery(tiny)
+    with open_matcher(g, "numpy", k_image=2, k_gallery=2) as m:
+        assert len(m.score(f)) == 1
+    with pytest.raises(InputError, match="after close"):
+        m.score(f)
+    m.close()
+
+
+def test_detector_locks_unless_both_backends_are_thread_safe(tiny: Path) -> None:
+    from spade_edge.runtime.detector import Detector
+
+    g = _tiny_gallery(tiny)
+    g.thresholds = None
+    with open_runner(tiny) as r, open_matcher(g, "numpy", k_image=2, k_gallery=2) as m:
+        assert r.thread_safe and m.thread_safe
+        assert Detector(r, g, m)._lock is None
+        m.thread_safe = False  # e.g. a GPU matcher
+        assert Detector(r, g, m)._lock is not None

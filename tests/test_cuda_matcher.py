@@ -362,14 +362,12 @@ def test_no_device_allocation_per_image(gpu: GpuEnv, monkeypatch) -> None:
         calls = []
         real = drv.mem_alloc
         monkeypatch.setattr(drv, "mem_alloc", lambda n: calls.append(n) or real(n))
-        m._ctx.push()
-        free_before = drv.mem_get_info()[0]
-        drv.Context.pop()
+        with m._gpu.active():
+            free_before = drv.mem_get_info()[0]
         for _ in range(25 if gpu.kind == "pycuda" else 3):
             m.score(f)
-        m._ctx.push()
-        free_after = drv.mem_get_info()[0]
-        drv.Context.pop()
+        with m._gpu.active():
+            free_after = drv.mem_get_info()[0]
         assert calls == []
         assert free_after == free_before
     finally:

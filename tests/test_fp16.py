@@ -96,7 +96,7 @@ def test_fp16_with_check_images(tiny_onnx: Path, tmp_path: Path):
 def test_fp16_parity_failure_writes_nothing(
     tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(fp16_mod, "PARITY_RTOL", 0.0)  # no fp16 model can meet 0
+    monkeypatch.setattr(fp16_mod, "FP16_GUARD_RTOL", 0.0)  # no fp16 model can meet 0
     dst = tmp_path / "out" / "tiny.fp16.onnx"
     with pytest.raises(ExportError, match="parity"):
         convert_fp16(tiny_onnx, dst)

@@ -34,7 +34,7 @@ def _nvcc() -> str | None:
 
 
 def _compile(nvcc: str, src: Path, arch: str, out: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [nvcc, "-cubin", f"-arch={arch}", *cm.NVCC_OPTIONS, "-Xptxas", "-v", "-o", str(out)]
+    cmd = [nvcc, "-cubin", f"-arch={arch}", *cm.kernel_options(), "-Xptxas", "-v", "-o", str(out)]
     return subprocess.run([*cmd, str(src)], capture_output=True, text=True, timeout=600)
 
 
@@ -89,3 +89,27 @@ def test_every_kernel_builds_for_every_target(tmp_path: Path) -> None:
         if spilling:
             failures.append(f"{src.name} {arch}: fused kernels spill registers: {spilling}")
     assert not failures, "\n".join(failures)
+
+
+def test_tile_constants_come_only_from_the_host_code() -> None:
+    """knn_level.cu defines no tile constant itself (it refuses to build without the -D flags
+    CudaMatcher and the SIMT emulator pass), so planner and kernel cannot drift apart."""
+    src = (cm.KERNEL_DIR / "knn_level.cu").read_text()
+    for name in cm.TILE_DEFINES:
+        assert f"#define {name}" not in src, name
+        assert f"-D{name}={cm.TILE_DEFINES[name]}" in cm.kernel_options()
+    assert cm.TILE_DEFINES == {
+        "KNN_BN": cm.BN,
+        "KNN_BK": cm.BK,
+        "KNN_STAGES": cm.STAGES,
+        "KNN_THREADS": cm.THREADS,
+    }
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [nvcc, "-E", "-arch=sm_87", *cm.NVCC_OPTIONS, str(cm.KERNEL_DIR / "knn_level.cu")]
+    bare = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0 and "compile with -DKNN_BN" in bare.stderr
+    cmd[3:3] = [o for o in cm.kernel_options() if o.startswith("-D")]
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]

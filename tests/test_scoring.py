@@ -52,6 +52,7 @@ def test_min_sq_distances_brute_force(tile: int, monkeypatch: pytest.MonkeyPatch
     import spade_edge.runtime.matchers.numpy_matcher as nm
 
     monkeypatch.setattr(nm, "TILE_ELEMENTS", tile)  # exercise the tiled path too
+    monkeypatch.setattr(nm, "NARROW_TILE_ELEMENTS", tile)  # (these channels are narrow)
     rng = np.random.default_rng(2)
     lv = rng.standard_normal((6, 5, 7, 8)).astype(np.float16)
     sq = (lv.astype(np.float32) ** 2).sum(-1)

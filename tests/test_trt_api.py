@@ -36,13 +36,10 @@ SNAPSHOTS = sorted(SNAP_DIR.glob("trt-*.json"))
 #: member name (the AST scan cannot tell objects apart). Each one says where it is used.
 NOT_TENSORRT = {
     "append": "list.append",
-    "count": "pycuda.driver.Device.count()",
     "float32": "numpy.float32",
     "itemsize": "numpy ndarray.itemsize",
     "metadata": "EngineFile.metadata / ModelInfo.metadata (ONNX metadata_props)",
-    "pop": "pycuda.driver.Context.pop()",
     "precision": "Contract.precision / EngineFile.precision",
-    "read": "file.read",
     "release": "CudaDevice.release()",
     "update": "hashlib update",
 }

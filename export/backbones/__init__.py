@@ -9,12 +9,12 @@ where the pretrained weights come from. Adding a backbone = one row here + its m
 from __future__ import annotations
 
 import difflib
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from spade_edge.runtime.contract import IMAGENET_MEAN, IMAGENET_STD
 from spade_edge.runtime.errors import InputError
+from spade_edge.runtime.registry import import_attr
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ class BackboneSpec:
 
     def build(self) -> Any:
         """Instantiate the torch module (imports torch)."""
-        module, _, attr = self.constructor.partition(":")
-        return getattr(importlib.import_module(module), attr)(**self.kwargs)
+        return import_attr(self.constructor)(**self.kwargs)
 
 
 _TV = "https://download.pytorch.org/models/"

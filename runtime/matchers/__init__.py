@@ -6,7 +6,7 @@ from typing import Any
 
 from spade_edge.runtime.autoselect import select_matcher
 from spade_edge.runtime.matchers.base import DEFAULT_K, GalleryArrays, Matcher, Score
-from spade_edge.runtime.registry import load_backend
+from spade_edge.runtime.registry import build_backend
 
 #: backend name -> "module:class". Every matcher takes (gallery, k_image=, k_gallery=, sigma=).
 MATCHERS: dict[str, str] = {
@@ -20,12 +20,13 @@ MATCHERS: dict[str, str] = {
 def open_matcher(gallery: GalleryArrays, backend: str = "numpy", **options: Any) -> Matcher:
     """Build the matcher ``backend`` over ``gallery`` (K values etc. in ``options``).
 
-    ``auto`` picks the fastest exact matcher for this CPU (runtime/autoselect.py).
+    ``auto`` picks the fastest exact matcher for this CPU (runtime/autoselect.py). An option
+    the backend does not take is a ConfigError naming it.
     """
     if backend == "auto":
         backend = select_matcher()[0]
-    cls = load_backend(MATCHERS, backend, "matcher")
-    return cls(gallery, **options)
+    matcher: Matcher = build_backend(MATCHERS, backend, "matcher", gallery, **options)
+    return matcher
 
 
 __all__ = ["DEFAULT_K", "MATCHERS", "GalleryArrays", "Matcher", "Score", "open_matcher"]

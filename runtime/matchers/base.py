@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -62,11 +62,20 @@ class Matcher(Protocol):
     name: str
     k_image: int
     k_gallery: int
+    #: may one instance run ``score`` from several threads at once (else callers serialise)
+    thread_safe: bool
 
     def score(self, features: Features) -> list[Score]:
         """Score every image of the batch (host or device features)."""
         ...
 
     def close(self) -> None:
-        """Release resources (device memory for GPU matchers)."""
+        """Release resources (device memory for GPU matchers); idempotent; ``score`` afterwards
+        raises."""
         ...
+
+    def __enter__(self) -> Any:
+        """``with matcher:`` closes it on exit (runtime.registry.Backend)."""
+        ...
+
+    def __exit__(self, *exc: object) -> None: ...

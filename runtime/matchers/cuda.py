@@ -33,6 +33,7 @@ from spade_edge.runtime.errors import (
     FormatError,
     InputError,
 )
+from spade_edge.runtime.gpu import CudaDevice, import_pycuda, import_source_module
 from spade_edge.runtime.matchers.base import (
     DEFAULT_K,
     DEFAULT_SIGMA,
@@ -40,6 +41,7 @@ from spade_edge.runtime.matchers.base import (
     Score,
     check_k,
 )
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import GAUSSIAN_TRUNCATE
 
@@ -47,14 +49,26 @@ KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_FILES = ("knn_level.cu", "pooled_topk.cu", "postprocess.cu")
 NVCC_OPTIONS = ["-O3", "-std=c++17"]
 
-#: Tile constants shared with kernels/knn_level.cu (KNN_BN, KNN_BK, KNN_STAGES, KNN_THREADS).
+#: Tile constants of kernels/knn_level.cu: defined here only and passed to the compiler with -D
+#: (``kernel_options``), so the launch planning below and the kernel cannot drift apart.
 BN, BK, STAGES, THREADS = 128, 64, 3, 256
+TILE_DEFINES: dict[str, int] = {
+    "KNN_BN": BN,
+    "KNN_BK": BK,
+    "KNN_STAGES": STAGES,
+    "KNN_THREADS": THREADS,
+}
 BM_CHOICES = (128, 64, 32, 16)
 #: top-K keeps (fp64 distance, int32 index) for every gallery image in one block's shared memory.
 MAX_GALLERY_IMAGES = 8192
 #: device memory left free beyond our own needs (kernels' modules, driver, other users)
 RESERVE_BYTES = 64 << 20
 UPLOAD_CHUNK_BYTES = 64 << 20
+
+
+def kernel_options() -> list[str]:
+    """Compiler options for the kernels: NVCC_OPTIONS plus the tile constants as -D flags."""
+    return [*NVCC_OPTIONS, *(f"-D{k}={v}" for k, v in TILE_DEFINES.items())]
 
 
 def padded_channels(c: int) -> int:
@@ -137,15 +151,9 @@ def gaussian_weights(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.nd
     return (w / w.sum()).astype(np.float32)
 
 
-def _import_pycuda() -> Any:
-    try:
-        import pycuda.driver as drv
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"matcher backend 'cuda' needs pycuda: {e}. Install with: pip install pycuda"
-        ) from None
-    except Exception as e:  # pycuda present but libcuda missing/broken
-        raise BackendUnavailableError(f"matcher backend 'cuda': pycuda cannot load: {e}") from None
+def import_driver() -> Any:
+    """``pycuda.driver`` with at least one CUDA device, else BackendUnavailableError."""
+    drv = import_pycuda("matcher backend 'cuda'")
     try:
         drv.init()
         if drv.Device.count() == 0:
@@ -185,7 +193,7 @@ class _Level:
     fn: Any = None
 
 
-class CudaMatcher:
+class CudaMatcher(Backend):
     """SPADE kNN scoring on an NVIDIA GPU (pycuda). One stream; not thread-safe."""
 
     name = "cuda"
@@ -199,14 +207,13 @@ class CudaMatcher:
         sigma: float = DEFAULT_SIGMA,
         device: int = 0,
         block_rows: int | None = None,
-        **_: object,
     ) -> None:
         """``block_rows`` forces the fused kernel's query rows per CTA where it fits (tests,
         benchmark); levels it does not fit keep the automatic choice."""
         if block_rows is not None and block_rows not in BM_CHOICES:
             raise ConfigError(f"block_rows must be one of {BM_CHOICES}, got {block_rows!r}")
         self._block_rows = block_rows
-        drv = _import_pycuda()
+        drv = import_driver()
         self._drv = drv
         self._allocs: list[Any] = []
         self._closed = False
@@ -230,22 +237,15 @@ class CudaMatcher:
             )
         self._check_gallery(gallery, src)
 
-        ctx = drv.Context.get_current()
-        if ctx is None:
-            try:
-                dev = drv.Device(int(device))
-            except drv.Error as e:
-                raise BackendUnavailableError(f"cuda matcher: device {device}: {e}") from None
-            ctx = dev.retain_primary_context()
-        self._ctx = ctx
-        ctx.push()
+        self._gpu = CudaDevice.current_or_open(drv, device)
         try:
-            self._setup(gallery, src)
+            with self._gpu.active():
+                self._setup(gallery, src)
         except BaseException:
-            self._free()
+            with contextlib.suppress(Exception), self._gpu.active():
+                self._free()
+            self._gpu.release()
             raise
-        finally:
-            drv.Context.pop()
 
     # ------------------------------------------------------------------ setup
     def _check_gallery(self, g: GalleryArrays, src: str) -> None:
@@ -405,10 +405,7 @@ class CudaMatcher:
         L.splits, L.tiles_per_split = choose_splits(row_blocks, tiles, n_sm * per_sm, L.bm)
 
     def _compile(self, cc: tuple[int, int]) -> tuple[Any, Any, Any]:
-        try:
-            from pycuda.compiler import SourceModule
-        except ImportError as e:
-            raise BackendUnavailableError(f"cuda matcher: pycuda.compiler: {e}") from None
+        SourceModule = import_source_module("cuda matcher")
         cdir = cache_dir()
         cdir.mkdir(parents=True, exist_ok=True)
         arch = f"sm_{cc[0]}{cc[1]}"
@@ -423,7 +420,7 @@ class CudaMatcher:
                 mods.append(
                     SourceModule(
                         source,
-                        options=list(NVCC_OPTIONS),
+                        options=kernel_options(),
                         no_extern_c=True,
                         arch=arch,
                         cache_dir=str(cdir),
@@ -467,9 +464,7 @@ class CudaMatcher:
         """Score each image of the batch; device features (TensorRT) are read in place."""
         if self._closed:
             raise InputError("cuda matcher: score() after close()")
-        drv = self._drv
-        self._ctx.push()
-        try:
+        with self._gpu.active():
             if features.device:
                 dtypes = _device_dtypes(features.dtypes, len(features.levels))
                 if len(features.levels) != len(self._levels):
@@ -480,8 +475,6 @@ class CudaMatcher:
                 return [self._score_device(features, b, dtypes) for b in range(features.batch)]
             self._check_host(features)
             return [self._score_host(features, b) for b in range(features.batch)]
-        finally:
-            drv.Context.pop()
 
     def _check_host(self, f: Features) -> None:
         if len(f.levels) != len(self._levels):
@@ -655,12 +648,9 @@ class CudaMatcher:
         if block_rows is not None and block_rows not in BM_CHOICES:
             raise ConfigError(f"block_rows must be one of {BM_CHOICES}, got {block_rows!r}")
         self._block_rows = block_rows
-        self._ctx.push()
-        try:
+        with self._gpu.active():
             for L in self._levels:
                 self._plan_level(L)
-        finally:
-            self._drv.Context.pop()
 
     def plan(self) -> list[dict[str, int | str]]:
         """Launch plan per level (block rows, splits, shared memory): for logs and the bench."""
@@ -690,12 +680,10 @@ class CudaMatcher:
         if self._closed:
             return
         self._closed = True
-        self._ctx.push()
-        try:
+        with self._gpu.active():
             self._stream.synchronize()
             self._free()
-        finally:
-            self._drv.Context.pop()
+        self._gpu.release()
 
 
 def _device_dtypes(dtypes: Sequence[str], n_levels: int) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from spade_edge.runtime.contract import Contract, Level, resize_for
 from spade_edge.runtime.errors import CompatibilityError
-from spade_edge.runtime.matchers.cuda import CudaMatcher, _import_pycuda
+from spade_edge.runtime.matchers.cuda import CudaMatcher, import_driver
 from spade_edge.runtime.runners.base import Features
 
 WRN50: dict[str, Any] = {
@@ -157,7 +157,7 @@ def bench_cuda_matcher(
     ``block_rows`` sweeps the fused kernel's query rows per CTA (None = the automatic choice);
     variants that do not fit the GPU's shared memory are skipped.
     """
-    drv = _import_pycuda()
+    drv = import_driver()
     ks = [k] if isinstance(k, int) else list(k)
     gal = _RandomGallery(backbone_shapes, n_gallery)
     contract = gal.contract
@@ -165,11 +165,8 @@ def bench_cuda_matcher(
     rows: list[dict[str, Any]] = []
     for kk in ks:
         m = CudaMatcher(gal, k_image=kk, k_gallery=kk, device=device)
-        m._ctx.push()
-        try:
+        with m._gpu.active():
             f, keep = _device_query(drv, contract, 0)
-        finally:
-            drv.Context.pop()
         try:
             m.profile = True
             for bm in block_rows:
@@ -203,11 +200,8 @@ def bench_cuda_matcher(
                 row["wall_ms_per_image"] = round(wall, 3)
                 rows.append(row)
         finally:
-            m._ctx.push()
-            try:
+            with m._gpu.active():
                 for b in keep:
                     b.free()
-            finally:
-                drv.Context.pop()
             m.close()
     return rows

@@ -22,6 +22,7 @@ from spade_edge.runtime.matchers.base import (
     Score,
     check_k,
 )
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import combine_levels
 
@@ -99,7 +100,6 @@ def min_sq_distances(
     best_pos = np.zeros(p, dtype=np.int64)
     refined = np.full(p, np.inf, dtype=np.float32)
     budget = NARROW_TILE_ELEMENTS if c < NARROW_CHANNELS else TILE_ELEMENTS
-    budget = min(budget, TILE_ELEMENTS)  # (tests shrink TILE_ELEMENTS to exercise tiling)
     imgs_per_chunk = max(1, budget // (n_pos * (c + 1)))
     for s in range(0, len(images), imgs_per_chunk):
         idx = images[s : s + imgs_per_chunk]
@@ -133,7 +133,7 @@ def min_sq_distances(
     return np.minimum(np.einsum("ij,ij->i", diff, diff, dtype=np.float32), refined)
 
 
-class NumpyMatcher:
+class NumpyMatcher(Backend):
     """SPADE kNN scoring on the CPU."""
 
     name = "numpy"
@@ -145,9 +145,9 @@ class NumpyMatcher:
         k_image: int = DEFAULT_K,
         k_gallery: int = DEFAULT_K,
         sigma: float = DEFAULT_SIGMA,
-        **_: object,
     ) -> None:
         self.gallery = gallery
+        self._closed = False
         n = gallery.n_images
         self.k_image = check_k(k_image, n, "k_image")
         self.k_gallery = check_k(k_gallery, n, "k_gallery")
@@ -194,9 +194,11 @@ class NumpyMatcher:
         return Score(image_score, amap, idx)
 
     def score(self, features: Features) -> list[Score]:
+        if self._closed:
+            raise InputError(f"{self.name} matcher: score() after close()")
         f = features.to_host()
         self._check(f)
         return [self.score_one([lv[i] for lv in f.levels], f.pooled[i]) for i in range(f.batch)]
 
     def close(self) -> None:
-        pass
+        self._closed = True

@@ -7,7 +7,7 @@ from typing import Any
 
 from spade_edge.runtime.container import ENGINE_MAGIC
 from spade_edge.runtime.errors import InputError
-from spade_edge.runtime.registry import load_backend
+from spade_edge.runtime.registry import build_backend
 from spade_edge.runtime.runners.base import Features, Runner
 
 #: backend name -> "module:class". Every runner takes (path, **options).
@@ -38,10 +38,13 @@ def auto_backend(path: str | Path) -> str:
 
 
 def open_runner(path: str | Path, backend: str = "auto", **options: Any) -> Runner:
-    """Load a model (ONNX or engine file) with the chosen backend."""
+    """Load a model (ONNX or engine file) with the chosen backend.
+
+    An option the backend does not take is a ConfigError naming it (never silently ignored).
+    """
     name = auto_backend(path) if backend == "auto" else backend
-    cls = load_backend(RUNNERS, name, "runner")
-    return cls(path, **options)
+    runner: Runner = build_backend(RUNNERS, name, "runner", path, **options)
+    return runner
 
 
 __all__ = ["AUTO_BY_MAGIC", "RUNNERS", "Features", "Runner", "auto_backend", "open_runner"]

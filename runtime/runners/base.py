@@ -52,11 +52,19 @@ class Runner(Protocol):
     contract: Contract
     fingerprint: str
     max_batch: int | None
+    #: may one instance run ``infer`` from several threads at once (else callers serialise)
+    thread_safe: bool
 
     def infer(self, batch: np.ndarray) -> Features:
         """Run a float32 ``[B, 3, S, S]`` normalised batch; B <= max_batch when set."""
         ...
 
     def close(self) -> None:
-        """Release sessions / device buffers."""
+        """Release sessions / device buffers; idempotent; ``infer`` afterwards raises."""
         ...
+
+    def __enter__(self) -> Any:
+        """``with runner:`` closes it on exit (runtime.registry.Backend)."""
+        ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -13,6 +13,7 @@ import numpy as np
 from spade_edge.runtime.cpu_features import cpu_units
 from spade_edge.runtime.errors import FormatError, InputError
 from spade_edge.runtime.model_meta import contract_from_metadata
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,11 @@ def int8_dot_saturates() -> bool:
     return not cpu_units().int8
 
 
-class OrtRunner:
+class OrtRunner(Backend):
     """Runs an exported spade-edge ONNX model with ONNX Runtime."""
 
     name = "ort"
+    thread_safe = True  # InferenceSession.run may be called concurrently (ORT's contract)
     default_providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __init__(
@@ -44,7 +46,6 @@ class OrtRunner:
         threads: int | None = None,
         max_batch: int | None = None,
         qdq_fusion: bool | None = None,
-        **_: Any,
     ) -> None:
         """``qdq_fusion``: let ORT fuse Q/DQ pairs into its int8 kernels (fast); False runs
         every Q/DQ node as written with float ops between (exact Q/DQ arithmetic, as TensorRT
@@ -52,6 +53,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.path = Path(path)
+        self.session: Any = None
         if not self.path.is_file():
             raise InputError(f"{self.path}: model file not found")
         so = ort.SessionOptions()
@@ -92,6 +94,8 @@ class OrtRunner:
             raise FormatError(f"{self.path}: model lacks outputs named in its contract: {missing}")
 
     def infer(self, batch: np.ndarray) -> Features:
+        if self.session is None:
+            raise InputError(f"{self.path}: runner is closed")
         s = self.contract.image_size
         if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
             raise InputError(f"batch shape {batch.shape} does not match the contract [B,3,{s},{s}]")
@@ -102,4 +106,4 @@ class OrtRunner:
         return Features(levels=levels, pooled=pooled, batch=len(x))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None

@@ -52,6 +52,8 @@ class OrtGpuRunner(OrtRunner):
     """ONNX Runtime with explicit GPU providers; refuses to run if any of them is not active."""
 
     name = "ort-gpu"
+    #: as before this flag existed: not verified concurrently on a GPU here, so callers serialise
+    thread_safe = False
     default_providers = ("CUDAExecutionProvider",)
 
     def __init__(
@@ -62,7 +64,6 @@ class OrtGpuRunner(OrtRunner):
         trt_cache_dir: str | Path | None = None,
         threads: int | None = None,
         max_batch: int | None = None,
-        **_: Any,
     ) -> None:
         import onnxruntime as ort
 

@@ -1,6 +1,7 @@
 """TensorRT runner (10.x on JetPack 6 and 11.x on servers) plus the TensorRT plumbing it shares
 with the engine builder (export/trt_build.py): import with a clear error, the version table,
-a logger that keeps errors for messages, the CUDA device/context helper, and ``TRT_API``.
+a logger that keeps errors for messages, and ``TRT_API`` (the CUDA device/context helper is
+runtime/gpu.py, shared with the CUDA matcher).
 
 Why the runner looks like this:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +36,6 @@ import numpy as np
 
 from spade_edge.runtime.engine_file import (
     EngineFile,
-    normalize_compute_capability,
     read_engine_file,
     tensorrt_version_key,
 )
@@ -47,6 +46,8 @@ from spade_edge.runtime.errors import (
     InputError,
     SpadeError,
 )
+from spade_edge.runtime.gpu import CudaDevice, import_pycuda
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 
 log = logging.getLogger("spade_edge.trt")
@@ -194,18 +195,6 @@ def import_tensorrt() -> ModuleType:
     return trt
 
 
-def import_pycuda() -> ModuleType:
-    """``pycuda.driver`` or a BackendUnavailableError that says what to install."""
-    try:
-        import pycuda.driver as cuda
-    except (ImportError, OSError) as e:
-        raise BackendUnavailableError(
-            f"pycuda cannot be imported here ({e}); install it with pip install "
-            "'spade-edge[trt]' (needs the CUDA toolkit to build on Jetson)"
-        ) from None
-    return cuda
-
-
 def network_flags_mask(trt: ModuleType, features: TrtFeatures) -> int:
     """Bit mask for ``Builder.create_network`` from the table's flag names."""
     mask = 0
@@ -247,46 +236,6 @@ def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
     return _Logger()
 
 
-@dataclass
-class CudaDevice:
-    """One GPU, its name, compute capability and retained primary context (pycuda)."""
-
-    cuda: ModuleType
-    index: int
-    name: str
-    compute_capability: str
-    context: Any
-
-    @classmethod
-    def open(cls, cuda: ModuleType, index: int = 0) -> CudaDevice:
-        try:
-            cuda.init()
-            count = cuda.Device.count()
-        except cuda.Error as e:
-            raise BackendUnavailableError(f"no usable CUDA driver/GPU here: {e}") from None
-        if not isinstance(index, int) or not 0 <= index < count:
-            raise BackendUnavailableError(
-                f"CUDA device {index!r} does not exist here ({count} device(s) visible)"
-            )
-        dev = cuda.Device(index)
-        cc = normalize_compute_capability(tuple(int(x) for x in dev.compute_capability()))
-        ctx = dev.retain_primary_context()
-        return cls(cuda, index, str(dev.name()), cc, ctx)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Make the primary context current on this thread for the ``with`` body."""
-        self.context.push()
-        try:
-            yield
-        finally:
-            self.cuda.Context.pop()
-
-    def release(self) -> None:
-        with contextlib.suppress(Exception):
-            self.context.detach()
-
-
 # ------------------------------------------------------------------------------ runner
 
 
@@ -294,10 +243,11 @@ def _np_dtype_name(trt: ModuleType, dtype: Any) -> str:
     return np.dtype(trt.nptype(dtype)).name
 
 
-class TrtRunner:
+class TrtRunner(Backend):
     """Runs a spade-edge engine file with TensorRT; outputs stay on the GPU (Features.device)."""
 
     name = "trt"
+    thread_safe = False  # one set of bound I/O buffers and one stream
 
     def __init__(
         self,
@@ -305,7 +255,6 @@ class TrtRunner:
         device: int = 0,
         max_batch: int | None = None,
         verbose: bool = False,
-        **_: Any,
     ) -> None:
         self.path = Path(path)
         self._closed = False
@@ -339,7 +288,7 @@ class TrtRunner:
             trt = import_tensorrt()
             self._trt = trt
             self.features = features_for(trt.__version__)
-            cuda = import_pycuda()
+            cuda = import_pycuda("the TensorRT runner")
             self._cuda = cuda
             self._gpu = CudaDevice.open(cuda, device)
             # 3. compatibility: CompatibilityError naming both sides
@@ -507,12 +456,6 @@ class TrtRunner:
         if gpu is not None:
             gpu.release()
             self._gpu = None
-
-    def __enter__(self) -> TrtRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:  # best effort; explicit close() is the contract
         with contextlib.suppress(Exception):

@@ -26,10 +26,11 @@
 #define SPADE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
-#define KNN_BN 128
-#define KNN_BK 64
-#define KNN_STAGES 3
-#define KNN_THREADS 256
+// Tile constants come from the host code (runtime/matchers/cuda.py TILE_DEFINES, passed with -D
+// to nvcc and to the SIMT emulator's g++), so the kernel and the planner cannot disagree.
+#if !defined(KNN_BN) || !defined(KNN_BK) || !defined(KNN_STAGES) || !defined(KNN_THREADS)
+#error "compile with -DKNN_BN= -DKNN_BK= -DKNN_STAGES= -DKNN_THREADS= (cuda.py kernel_options())"
+#endif
 
 // PTX wrappers. tests/simt (a CPU SIMT emulator that runs these kernels in CI) supplies its own
 // versions with the PTX ISA's semantics, so everything below them is executed there.
