@@ -20,6 +20,7 @@ from spade_edge.runtime.errors import SpadeError
 from spade_edge.runtime.matchers import open_matcher
 from spade_edge.runtime.preprocess import load_image, preprocess
 from spade_edge.runtime.runners import open_runner
+from spade_edge.runtime.scoring import DEFAULT_SIGMA, GAUSSIAN_TRUNCATE
 
 #: cdist output elements per call: bounds memory at any K (wrn50 K=50 would be 2 GB at once)
 CDIST_ELEMENTS = 16 * 1024 * 1024
@@ -36,7 +37,7 @@ class TorchReference:
         gallery_pooled: np.ndarray,
         k: int,
         image_size: int,
-        sigma: float = 4.0,
+        sigma: float = DEFAULT_SIGMA,
         threads: int | None = None,
     ) -> None:
         import torch
@@ -84,7 +85,7 @@ class TorchReference:
                     )
                     maps.append(up[0, 0])
                 amap = torch.stack(maps).mean(dim=0).numpy()
-                amap = gaussian_filter(amap, sigma=self.sigma, truncate=4.0)
+                amap = gaussian_filter(amap, sigma=self.sigma, truncate=GAUSSIAN_TRUNCATE)
                 out.append((float(dist[b].mean()), amap.astype(np.float32)))
         return out
 

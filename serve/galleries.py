@@ -25,6 +25,7 @@ import numpy as np
 
 from spade_edge.runtime.fileio import atomic_path, file_sha256
 from spade_edge.runtime.gallery import Gallery, appended, save_gallery
+from spade_edge.runtime.scoring import DEFAULT_SIGMA
 from spade_edge.serve.archive import connect, utc_now
 from spade_edge.serve.errors import ConflictError, NotFoundError
 
@@ -227,7 +228,7 @@ def recompute_thresholds(
     old = previous or {}
     k_i = int(old.get("k_image", g.default_k))
     k_g = int(old.get("k_gallery", g.default_k))
-    sigma = float(old.get("sigma", 4.0))
+    sigma = float(old.get("sigma", DEFAULT_SIGMA))
     f = far if far is not None else float(old.get("far", DEFAULT_FAR))
     return compute_thresholds(g, f, k_i, k_g, sigma)
 
