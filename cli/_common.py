@@ -115,10 +115,19 @@ KGalleryOpt = Annotated[
 BackendOpt = Annotated[
     str,
     typer.Option(
-        "--backend", help="Runner: auto (engine file -> trt, else ort), ort, ort-gpu, trt."
+        "--backend",
+        help="Runner: auto (engine file -> trt, else ort), ort, ort-gpu, trt, openvino, "
+        "openvino-bf16, openvino-int8 (extra [openvino]).",
     ),
 ]
-MatcherOpt = Annotated[str, typer.Option("--matcher", help="kNN backend: numpy (CPU) or cuda.")]
+MatcherOpt = Annotated[
+    str,
+    typer.Option(
+        "--matcher",
+        help="kNN backend: numpy (CPU, the oracle), exact-int8 / exact-bf16 (CPU matrix units, "
+        "exact re-rank), auto (fastest exact one this CPU has), cuda.",
+    ),
+]
 
 
 def batch_size_opt(default_help: str) -> Any:

@@ -23,10 +23,10 @@ from spade_edge.cli._common import (
 )
 from spade_edge.export.demo import make_part
 from spade_edge.export.onnx_export import export_onnx
-from spade_edge.export.torch_reference import compare_torch
+from spade_edge.export.torch_reference import COMPARE_CONFIGS, compare_torch
 from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.bench import bench_cpu, matrix_peaks
-from spade_edge.runtime.errors import BackendUnavailableError
+from spade_edge.runtime.errors import BackendUnavailableError, InputError
 from spade_edge.runtime.matchers import cuda_bench
 
 app = typer.Typer(add_completion=False)
@@ -100,6 +100,16 @@ def bench(
             "taken from the --image's folder tree.",
         ),
     ] = 8,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config",
+            help="--compare-torch: only these configurations (labels as printed; repeatable).",
+        ),
+    ] = None,
+    stages: Annotated[
+        bool, typer.Option("--stages/--no-stages", help="CPU: time the per-stage table.")
+    ] = True,
     backbone: Annotated[
         list[CudaShapes] | None,
         typer.Option(help="CUDA: backbone shapes to time (default wrn50 and efficientnet_lite0)."),
@@ -152,7 +162,7 @@ def bench(
                 markup=False,
             )
             rows = []
-            for m in models:
+            for m in models if stages else []:
                 rows += bench_cpu(
                     m,
                     img,
@@ -163,7 +173,7 @@ def bench(
                     matcher=matcher,
                 )
             if compare_torch_:
-                rows += _compare(models, img, images, ks, n_gallery or 64, repeats, con)
+                rows += _compare(models, img, images, ks, n_gallery or 64, repeats, con, config)
     stage_rows = [r for r in rows if "table" not in r]
     if stage_rows:
         keys = list(dict.fromkeys(key for r in stage_rows for key in r))
@@ -189,6 +199,7 @@ def _compare(
     n_gallery: int,
     repeats: int,
     con: Console,
+    labels: list[str] | None = None,
 ) -> list[dict]:
     """--compare-torch: spade-edge configurations vs the plain torch reference, one run.
 
@@ -199,9 +210,19 @@ def _compare(
     pool = sorted(test_dir.rglob("*.png")) if test_dir.name == "test" else [img]
     step = max(1, len(pool) // n_images)
     chosen = (pool[::step] * n_images)[:n_images]
+    configs = COMPARE_CONFIGS
+    if labels:
+        unknown = sorted(set(labels) - {c[0] for c in COMPARE_CONFIGS})
+        if unknown:
+            raise InputError(
+                f"--config {unknown[0]!r} is not one of: {', '.join(c[0] for c in configs)}"
+            )
+        configs = tuple(c for c in COMPARE_CONFIGS if c[0] in labels)
     rows = []
     for m in models:
-        rows += compare_torch(m, chosen, ks=ks, n_gallery=n_gallery, repeats=repeats)
+        rows += compare_torch(
+            m, chosen, ks=ks, n_gallery=n_gallery, repeats=repeats, configs=configs
+        )
     t = Table(title=f"--compare-torch: ms per test image ({n_images} images, medians of {repeats})")
     for col in ("backbone", "K", "configuration", "ms / image", "x torch"):
         t.add_column(col, justify="right" if col in ("K", "ms / image", "x torch") else "left")
