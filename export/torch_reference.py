@@ -39,13 +39,14 @@ class TorchReference:
         image_size: int,
         sigma: float = DEFAULT_SIGMA,
         threads: int | None = None,
+        seed: int = 0,
     ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model, _ = build_feature_model(backbone, weights, progress=False)
+        self.model, _ = build_feature_model(backbone, weights, seed=seed, progress=False)
         self.levels = [torch.from_numpy(np.asarray(g, dtype=np.float32)) for g in gallery_levels]
         self.pooled = torch.from_numpy(np.asarray(gallery_pooled, dtype=np.float32))
         self.k = k
@@ -119,11 +120,14 @@ def compare_torch(
     gallery = random_gallery(c, max(n_gallery, max(ks)))
     g_levels = [np.asarray(lv, dtype=np.float32) for lv in gallery.levels]
     g_pooled = np.asarray(gallery.pooled, dtype=np.float32)
-    tag = weights or ("random" if c.weights == "random" else "imagenet")
+    # the contract records "random:seed=N" or "imagenet:...": rebuild the same weights
+    kind, _, detail = c.weights.partition(":")
+    tag = weights or ("random" if kind == "random" else "imagenet")
+    seed = int(detail.split("=", 1)[1]) if detail.startswith("seed=") else 0
     batch = np.stack([preprocess(load_image(p), c).tensor for p in images])
     rows = []
     for k in ks:
-        ref = TorchReference(c.backbone, tag, g_levels, g_pooled, k, c.image_size)
+        ref = TorchReference(c.backbone, tag, g_levels, g_pooled, k, c.image_size, seed=seed)
         runs: dict[str, Callable[[], Any]] = {}
         errors: dict[str, str] = {}
         opened: list[Any] = []

@@ -113,6 +113,9 @@ class _Int8Engine:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # shapes change with K and the tile: ORT's arena would keep every size it ever saw
+        # (measured: 11 GB RSS over a K=5/K=50 run); plain allocations are returned
+        so.enable_cpu_mem_arena = False
         if threads:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
