@@ -11,7 +11,7 @@ import pytest
 from test_cuda_matcher import make_contract, random_features
 
 from spade_edge.runtime import autoselect, cpu_features
-from spade_edge.runtime.errors import ConfigError
+from spade_edge.runtime.errors import ConfigError, InputError
 from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import MATCHERS, open_matcher
 from spade_edge.runtime.matchers import exact_lowp as el
@@ -192,6 +192,14 @@ def test_unknown_precision_is_a_config_error() -> None:
     rng = np.random.default_rng(4)
     c = make_contract([(4, 4, 8)], 4, 16)
     f = random_features(rng, c, 3)
+    with pytest.raises(ConfigError, match="no option 'precison'"):
+        open_matcher(gallery_from(f.levels, f.pooled, c), "exact-int8", precison="bf16")
+    m = open_matcher(gallery_from(f.levels, f.pooled, c), "exact-int8", k_image=1, k_gallery=1)
+    assert m.thread_safe is True
+    m.close()
+    m.close()
+    with pytest.raises(InputError, match="after close"):
+        m.score(f)
     with pytest.raises(ConfigError, match="precision"):
         el.ExactLowpMatcher(
             gallery_from(f.levels, f.pooled, c), k_image=1, k_gallery=1, precision="fp8"

@@ -79,6 +79,11 @@ def test_bad_inputs(tiny: Path, tmp_path: Path) -> None:
         OpenVinoRunner(tiny, precision="fp8")
     with OpenVinoRunner(tiny) as r, pytest.raises(InputError, match="does not match"):
         r.infer(np.zeros((1, 3, 8, 8), dtype=np.float32))
+    r.close()  # idempotent
+    with pytest.raises(InputError, match="closed"):
+        r.infer(_batch(r))
+    with pytest.raises(ConfigError, match="no option 'precison'"):
+        open_runner(tiny, "openvino", precison="bf16")
 
 
 def test_missing_openvino_says_what_to_install(tiny: Path, monkeypatch: pytest.MonkeyPatch):

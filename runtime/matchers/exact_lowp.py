@@ -293,7 +293,7 @@ class ExactLowpMatcher(NumpyMatcher):
 
     name = "exact-lowp"
     precision = "int8"
-    thread_safe = False  # one engine request per matcher (the Detector serialises calls)
+    thread_safe = True  # score_one holds the matcher's own lock around its engines and caches
 
     def __init__(
         self,
@@ -421,16 +421,12 @@ class ExactLowpMatcher(NumpyMatcher):
         }
 
     def close(self) -> None:
+        """Idempotent; score() afterwards raises (the Backend lifecycle)."""
+        super().close()
         for e in self._engines.values():
             e.close()
         self._engines = {}
         self._blocks = [{} for _ in self._blocks]
-
-    def __enter__(self) -> ExactLowpMatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class ExactInt8Matcher(ExactLowpMatcher):

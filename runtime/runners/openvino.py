@@ -17,13 +17,14 @@ import numpy as np
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, FormatError, InputError
 from spade_edge.runtime.model_meta import read_model_info
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 
 PRECISIONS = ("fp32", "bf16", "int8")
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(Backend):
     """Runs an exported spade-edge ONNX model with OpenVINO on the CPU."""
 
     name = "openvino"
@@ -83,6 +84,8 @@ class OpenVinoRunner:
         self._request = self._compiled.create_infer_request()
 
     def infer(self, batch: np.ndarray) -> Features:
+        if self._request is None:
+            raise InputError(f"{self.path}: runner is closed")
         s = self.contract.image_size
         if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
             raise InputError(f"batch shape {batch.shape} does not match the contract [B,3,{s},{s}]")
@@ -95,12 +98,6 @@ class OpenVinoRunner:
     def close(self) -> None:
         self._request = None
         self._compiled = None
-
-    def __enter__(self) -> OpenVinoRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class OpenVinoBf16Runner(OpenVinoRunner):
