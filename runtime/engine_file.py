@@ -270,7 +270,9 @@ def _validate(manifest: Any, src: str) -> dict[str, Any]:
             f"{src}: engine inputs {[t.to_dict() for t in inputs]} do not match the contract "
             f"({contract.input_name!r} [-1, 3, {s}, {s}])"
         )
-    expected = {lv.name: (-1, lv.height, lv.width, lv.channels) for lv in contract.levels}
+    expected: dict[str, tuple[int, ...]] = {
+        lv.name: (-1, lv.height, lv.width, lv.channels) for lv in contract.levels
+    }
     expected[contract.pooled_name] = (-1, contract.pooled_dim)
     got = {t.name: t.shape for t in outputs}
     if got != expected:
@@ -338,7 +340,11 @@ def write_engine_file(
     p = Path(path)
     manifest = build_manifest(**manifest_fields)
     _validate(manifest, str(p))
-    data = np.frombuffer(memoryview(plan).cast("B"), np.uint8)
+    data = (
+        np.ascontiguousarray(plan).reshape(-1).view(np.uint8)
+        if isinstance(plan, np.ndarray)
+        else np.frombuffer(memoryview(plan).cast("B"), np.uint8)
+    )
     if data.size == 0:
         raise FormatError(f"{p}: refusing to write an engine file with an empty plan")
     write_container(p, ENGINE_MAGIC, ENGINE_FORMAT_VERSION, manifest, {PLAN_BLOB: data})

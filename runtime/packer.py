@@ -112,7 +112,7 @@ def _progress(enabled: bool) -> Any:
     )
 
 
-def check_far(far: float | None) -> float | None:
+def _checked_far(far: float | None) -> float | None:
     """``None``/0 = no thresholds; otherwise a false-alarm rate in (0, 1) (ConfigError)."""
     if far is None or far == 0:
         return None
@@ -349,7 +349,7 @@ def _threshold_settings(
     if far is None:
         old_far = old.get("far")
         far = old_far if isinstance(old_far, float) and 0 < old_far < 1 else DEFAULT_FAR
-    return check_far(far), kw
+    return _checked_far(far), kw
 
 
 def _with_thresholds(
@@ -408,7 +408,7 @@ def pack(
     t_start = time.perf_counter()
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    check_far(far)
+    _checked_far(far)
     out = Path(out)
     paths = list_images(list(images))
     if not paths:
@@ -518,4 +518,4 @@ def pack(
     raise AssertionError("unreachable")  # pragma: no cover (ExitStack does not swallow)
 
 
-__all__ = ["PackReport", "check_far", "pack"]
+__all__ = ["PackReport", "pack"]
