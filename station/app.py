@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from spade_edge.runtime.errors import SpadeError
 from spade_edge.station.events import EventHub
 from spade_edge.station.sinks import BufferedSink, open_sink
 from spade_edge.station.sources import open_source
@@ -109,6 +110,8 @@ class Station:
             await src.run(service)
         except asyncio.CancelledError:
             raise
+        except SpadeError as e:  # e.g. a camera that cannot be opened: one line, keep serving
+            log.error("source %s stopped: %s", src.name, e)
         except Exception:
             log.exception("source %s stopped", src.name)
 

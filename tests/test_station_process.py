@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -98,12 +99,18 @@ def test_watch_folder_survives_kill_9_mid_stream(artifacts, tmp_path: Path) -> N
         ("--source=bogus:/x", "unknown kind"),
         ("--source=genicam:/nonexistent/producer.cti", "GenTL producer file not found"),
         ("--sink=mqtt://127.0.0.1:1883/a/#", "must not contain"),
+        ("--sink=opcua://127.0.0.1:{busy}", "cannot listen on 127.0.0.1:{busy}"),
     ],
 )
 def test_cli_bad_spec_is_one_line_before_loading(artifacts, tmp_path, spec, needle) -> None:
     model, gallery = artifacts
-    argv = serve_argv(model, gallery, tmp_path / "a", free_port(), spec)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    with socket.socket() as busy:  # a port someone else holds
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec, needle = spec.format(busy=port), needle.format(busy=port)
+        argv = serve_argv(model, gallery, tmp_path / "a", free_port(), spec)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "a").exists()  # refused before the archive was created

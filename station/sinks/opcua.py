@@ -11,6 +11,7 @@ serving loop. No security policy beyond ``None``: bind it to the PLC network onl
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -26,6 +27,24 @@ def verdict_word(result: dict[str, Any]) -> str:
     """``NOK`` for a reject, ``OK`` for a good part, ``UNKNOWN`` when no threshold is known."""
     flag = result.get("anomalous")
     return "UNKNOWN" if flag is None else ("NOK" if flag else "OK")
+
+
+def check_listen(spec: Spec, host: str, port: int) -> None:
+    """Fail with one line before the model loads when the port is taken (checked again by the
+    server itself when it starts)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"sink {spec.text!r}: cannot resolve {host}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(
+                f"sink {spec.text!r}: cannot listen on {host}:{port} ({e.strerror or e})"
+            ) from None
 
 
 class OpcUaSink(BufferedSink):
@@ -49,6 +68,7 @@ class OpcUaSink(BufferedSink):
     def from_spec(cls, spec: Spec, station: str) -> OpcUaSink:
         """``opcua://HOST:PORT`` (port 4840 when omitted)."""
         host, port, _ = host_port(spec, 4840, "opcua://HOST:PORT")
+        check_listen(spec, host, port)
         return cls(host, port, station, buffer=spec.integer("buffer", DEFAULT_BUFFER, minimum=1))
 
     def node_id(self, name: str) -> str:
