@@ -42,16 +42,16 @@ def upsample_bilinear(m: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     oh, ow = (size, size) if isinstance(size, int) else size
     a = interp_matrix(m.shape[0], oh)
     b = interp_matrix(m.shape[1], ow)
-    return (a @ m.astype(np.float32, copy=False) @ b.T).astype(np.float32, copy=False)
+    out: np.ndarray = (a @ m.astype(np.float32, copy=False) @ b.T).astype(np.float32, copy=False)
+    return out
 
 
 def gaussian_blur(m: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing with SPADE's settings (scipy defaults: reflect, truncate 4)."""
     if sigma <= 0:
         return m.astype(np.float32, copy=False)
-    return gaussian_filter(m, sigma=sigma, mode="reflect", truncate=GAUSSIAN_TRUNCATE).astype(
-        np.float32, copy=False
-    )
+    out: np.ndarray = gaussian_filter(m, sigma=sigma, mode="reflect", truncate=GAUSSIAN_TRUNCATE)
+    return out.astype(np.float32, copy=False)
 
 
 def combine_levels(level_maps: Sequence[np.ndarray], size: int, sigma: float) -> np.ndarray:

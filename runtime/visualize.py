@@ -42,7 +42,8 @@ def colormap(x: np.ndarray) -> np.ndarray:
     t = np.clip(x, 0.0, 1.0) * (len(_ANCHORS) - 1)
     i = np.minimum(t.astype(np.int64), len(_ANCHORS) - 2)
     f = (t - i)[..., None]
-    return (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).round().astype(np.uint8)
+    rgb: np.ndarray = (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).round().astype(np.uint8)
+    return rgb
 
 
 def overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.7) -> np.ndarray:
