@@ -297,3 +297,17 @@ def test_read_ahead_keeps_order_and_a_bounded_window() -> None:
         gen.close()
     assert got == [(i, i * i) for i in range(10)]
     assert len(started) <= 15
+
+
+def test_bytes_bodies_get_the_same_bounds(tmp_path: Path) -> None:
+    """An HTTP body (spade-serve) is checked exactly like a file."""
+    from spade_edge.runtime.preprocess import prepare_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), np.nan, np.float32), mode="F").save(buf, format="TIFF")
+    with pytest.raises(InputError, match="body: image holds non-finite values"):
+        prepare_bytes(buf.getvalue(), C, "body")
+    with pytest.raises(InputError, match="body: aspect ratio"):
+        prepare_bytes(_png_header(1, 20000, color=2), C, "body")
+    with pytest.raises(ImageDecodeError, match="body: image too large to decode"):
+        prepare_bytes(_png_header(9000, 9000, color=6), C, "body")
