@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf build  # stale build/lib files would leak into the wheel
+repo=$(pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # (byte-compiling off in this environment is not a packaging warning)
@@ -25,7 +26,8 @@ kernels = [p.name for p in (files("spade_edge.runtime") / "matchers" / "kernels"
 assert any(k.endswith(".cu") for k in kernels), kernels
 print("wheel ok:", spade_edge.runtime.__file__, "kernels:", sorted(kernels))
 PY
-for s in spade spade-run spade-pack spade-threshold spade-inspect spade-eval spade-bench spade-export spade-demo spade-serve; do
+for s in spade spade-run spade-pack spade-threshold spade-inspect spade-eval spade-bench spade-export spade-demo spade-serve spade-triton; do
   "$tmp/venv/bin/$s" --help >/dev/null
 done
+"$tmp/venv/bin/python" "$repo/.ci/wheel_usage.py" "$tmp/venv/bin"
 echo "wheel check passed"
