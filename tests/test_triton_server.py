@@ -264,6 +264,12 @@ def test_new_gallery_version_loads_while_requests_run(served: Served) -> None:
             f"http://{served.server.http_url}/v2/models/spade/versions/1/ready", timeout=10
         )
     print(f"gallery v2 load: {seconds:.2f} s, {len(scores)} requests, 0 failed")
+    # roll back: take v2 out of the repository and load again -> the newest left (v1) serves
+    (served.repo / "spade" / "2").rename(served.work / "retired-2")
+    back = load_model(served.server.http_url, "spade")
+    with TritonInspector(served.server.grpc_url) as c:
+        assert c.inspect([probe])[0].score == float(np.float32(want_v1))
+    print(f"rollback to v1: {back:.2f} s")
 
 
 @pytest.fixture(scope="module")
