@@ -35,6 +35,7 @@ def test_repository_layout_and_config(pair: tuple[Path, Path], tmp_path: Path) -
     assert (v1 / "gallery.bin").read_bytes() == gallery.read_bytes()
     assert (v1 / "model.onnx").read_bytes() == model.read_bytes()
     assert (v1 / "site" / "spade_edge" / "runtime" / "detector.py").is_file()
+    assert [p.name for p in (v1 / "site" / "spade_edge").iterdir()] == ["runtime"]
     assert not list((v1 / "site").rglob("__pycache__"))
     man = json.loads((v1 / "spade.json").read_text())
     assert man["cpu"] == {"backend": "ort", "matcher": "numpy"}

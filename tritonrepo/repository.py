@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,40 +162,20 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _referenced_packages(runtime_dir: Path) -> set[str]:
-    found = {"runtime"}
-    for f in runtime_dir.rglob("*.py"):
-        found.update(re.findall(r"spade_edge\.(\w+)", f.read_text(errors="replace")))
-    return found
-
-
 def bundle_site(dest: Path) -> list[str]:
-    """Copy the spade_edge packages the runtime needs into ``dest/spade_edge`` (pure Python).
+    """Copy the spade_edge runtime package into ``dest/spade_edge/runtime`` (pure Python + the
+    CUDA kernel sources); the import contracts keep the runtime free of the layers above it.
 
     Why: Triton's stub imports spade_edge from the version folder, so a version always runs
     the code it was written and tested with, whatever is installed in the stub's Python.
     """
     import spade_edge.runtime as rt
 
-    root = Path(rt.__file__).resolve().parent
-    names = []
-    for name in sorted(_referenced_packages(root)):
-        if name == "triton":
-            continue
-        try:
-            mod = __import__(f"spade_edge.{name}", fromlist=["__file__"])
-        except ImportError:
-            continue
-        src = Path(getattr(mod, "__file__", "") or "").parent
-        if not (src / "__init__.py").is_file():
-            continue
-        shutil.copytree(
-            src,
-            dest / "spade_edge" / name,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "cli"),
-        )
-        names.append(name)
-    return names
+    src = Path(rt.__file__).resolve().parent
+    shutil.copytree(
+        src, dest / "spade_edge" / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    return ["runtime"]
 
 
 def _copy(src: Path, dst: Path) -> None:
