@@ -24,6 +24,7 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/typecheck.py
 
 fuzz:
 	$(BIN)/python -m pytest -q -m fuzz

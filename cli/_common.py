@@ -205,8 +205,12 @@ def atomic_write_text(path: str | Path, content: str) -> None:
 @contextmanager
 def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A transient rich progress bar on stderr; yields ``advance(n)`` (a no-op when disabled)."""
+
+    def noop(n: int = 1) -> None:
+        pass
+
     if not enabled:
-        yield lambda n=1: None
+        yield noop
         return
     with Progress(
         "[progress.description]{task.description}",
@@ -217,7 +221,11 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Cal
         transient=True,
     ) as prog:
         task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            prog.advance(task, n)
+
+        yield advance
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -182,7 +182,7 @@ def _torch_export(module: Any, example: Any, names: list[str], opset: int, dynam
         torch.onnx.export(
             module,
             (example,),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file object works; torch annotates paths only
             dynamo=False,
             dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
             do_constant_folding=True,

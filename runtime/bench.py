@@ -13,6 +13,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,24 +186,15 @@ def bench_cpu(
         )
         idx, _ = nearest_images(q_pooled, m._pooled, m._pooled_sq, k)
         sel = np.sort(idx)
-        img_knn = median_ms(
-            lambda m=m, k=k: nearest_images(q_pooled, m._pooled, m._pooled_sq, k), repeats
-        )
+        img_knn = median_ms(partial(nearest_images, q_pooled, m._pooled, m._pooled_sq, k), repeats)
         per_level = []
         maps = []
         for q, g, gsq, lv in zip(
             q_levels, gallery.levels, gallery.level_sqnorms, c.levels, strict=True
         ):
-            per_level.append(
-                median_ms(
-                    lambda q=q, g=g, gsq=gsq, sel=sel: min_sq_distances(q, g, gsq, sel),
-                    repeats,
-                )
-            )
+            per_level.append(median_ms(partial(min_sq_distances, q, g, gsq, sel), repeats))
             maps.append(np.sqrt(min_sq_distances(q, g, gsq, sel)).reshape(lv.height, lv.width))
-        post = median_ms(
-            lambda maps=maps: combine_levels(maps, c.image_size, DEFAULT_SIGMA), repeats
-        )
+        post = median_ms(partial(combine_levels, maps, c.image_size, DEFAULT_SIGMA), repeats)
 
         def e2e(m: Any = e2e_matcher) -> None:
             im = load_image(image)

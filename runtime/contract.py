@@ -130,8 +130,8 @@ class Contract:
                 pooled_dim=_pos_int(d["pooled_dim"], "pooled_dim"),
                 image_size=_pos_int(d["image_size"], "image_size"),
                 resize=_pos_int(d["resize"], "resize"),
-                mean=mean,  # type: ignore[arg-type]
-                std=std,  # type: ignore[arg-type]
+                mean=mean,
+                std=std,
                 input_name=str(d.get("input_name", "image")),
                 pooled_name=str(d.get("pooled_name", "pooled")),
                 input_layout=str(d.get("input_layout", "NCHW")),

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -273,7 +273,8 @@ class Detector:
             ahead = read_ahead(paths, load, pool, window=2 * bs + workers)
             try:
                 while items := [(p, fut.result()) for p, fut in islice(ahead, bs)]:
-                    out: list[Result | SpadeError] = [r for _, r in items]
+                    # placeholders: every Prepared is replaced by its Result below
+                    out = cast(list[Result | SpadeError], [r for _, r in items])
                     good = [i for i, (_, r) in enumerate(items) if isinstance(r, Prepared)]
                     preps = [r for _, r in items if isinstance(r, Prepared)]
                     if preps:

@@ -21,7 +21,7 @@ PYCUDA_HINT = (
 )
 
 
-def import_pycuda(what: str = "this backend") -> ModuleType:
+def import_pycuda(what: str = "this backend") -> Any:  # pycuda ships no type information
     """``pycuda.driver`` or a BackendUnavailableError naming ``what`` needs it."""
     try:
         import pycuda.driver as cuda

@@ -29,7 +29,7 @@ def _roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
+def image_auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
     """AUROC of image scores (label 1 = anomalous)."""
     return _roc_auc(np.asarray(labels), np.asarray(scores, dtype=np.float64))
 

@@ -24,7 +24,7 @@ import stat
 import threading
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -464,7 +464,7 @@ def prepare_any(
     raise InputError(f"{source}: unsupported image type {type(image).__name__}")
 
 
-def list_images(paths: list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
     """Expand files and folders (recursively, sorted) into image files; errors name the path.
 
     Files named directly and files found in folders obey the same ``IMAGE_SUFFIXES``.
@@ -500,7 +500,7 @@ R = TypeVar("R")
 
 def read_ahead(
     items: Iterable[T], work: Callable[[T], R], pool: Executor, window: int
-) -> Iterator[tuple[T, Future[R]]]:
+) -> Generator[tuple[T, Future[R]], None, None]:
     """Submit ``work(item)`` to ``pool`` at most ``window`` items ahead; yield in order.
 
     The one decode-ahead window (Detector and packer): memory stays bounded by ``window``

@@ -39,7 +39,7 @@ def load_backend(table: Mapping[str, str], name: str, kind: str) -> Any:
 
 def backend_options(cls: type) -> list[str]:
     """Keyword options a backend class accepts (its constructor after the first argument)."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, path/gallery
+    params = list(inspect.signature(cls).parameters.values())[1:]  # after the path/gallery
     return [
         p.name
         for p in params

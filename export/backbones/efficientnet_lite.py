@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,7 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
 
     def block_channels(self) -> list[int]:
-        return [int(b._bn2.num_features) for b in self._blocks]  # type: ignore[union-attr]
+        return [int(cast(nn.BatchNorm2d, b._bn2).num_features) for b in self._blocks]
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))

@@ -9,6 +9,8 @@ layer4; the classifier ``fc`` is kept only so checkpoints load strictly and for 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -117,7 +119,7 @@ class ResNet(nn.Module):
                 _conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        kw = {"base_width": self._base_width} if block is Bottleneck else {}
+        kw: dict[str, Any] = {"base_width": self._base_width} if block is Bottleneck else {}
         layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, **kw) for _ in range(1, blocks)]

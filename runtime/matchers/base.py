@@ -38,12 +38,19 @@ class GalleryArrays(Protocol):
     ``levels[i]``: float16 [N, H, W, C]; ``level_sqnorms[i]``: float32 [N, H, W].
     """
 
-    contract: Contract
-    n_images: int
-    pooled: np.ndarray
-    pooled_sqnorms: np.ndarray
-    levels: Sequence[np.ndarray]
-    level_sqnorms: Sequence[np.ndarray]
+    # read-only members, so a gallery holding lists (or memory maps) satisfies it
+    @property
+    def contract(self) -> Contract: ...
+    @property
+    def n_images(self) -> int: ...
+    @property
+    def pooled(self) -> np.ndarray: ...
+    @property
+    def pooled_sqnorms(self) -> np.ndarray: ...
+    @property
+    def levels(self) -> Sequence[np.ndarray]: ...
+    @property
+    def level_sqnorms(self) -> Sequence[np.ndarray]: ...
 
 
 @dataclass

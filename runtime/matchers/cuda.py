@@ -147,8 +147,9 @@ def gaussian_weights(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.nd
         return np.ones(1, dtype=np.float32)
     radius = int(truncate * float(sigma) + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-0.5 / (float(sigma) ** 2) * x**2)
-    return (w / w.sum()).astype(np.float32)
+    w: np.ndarray = np.exp(-0.5 / (float(sigma) ** 2) * x**2)
+    out: np.ndarray = (w / w.sum()).astype(np.float32)
+    return out
 
 
 def import_driver() -> Any:
@@ -442,7 +443,7 @@ class CudaMatcher(Backend):
         buf = self._alloc(n0 * row * item)
         step = max(1, UPLOAD_CHUNK_BYTES // max(1, row * item))
         for i0 in range(0, n0, step):
-            host = np.ascontiguousarray(np.asarray(arr[i0 : i0 + step]), dtype=dtype)
+            host: np.ndarray = np.ascontiguousarray(np.asarray(arr[i0 : i0 + step]), dtype=dtype)
             self._drv.memcpy_htod(int(buf) + i0 * row * item, host)
         return buf
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from spade_edge.runtime.contract import Contract, Level, resize_for
 from spade_edge.runtime.errors import CompatibilityError
+from spade_edge.runtime.matchers.base import GalleryArrays
 from spade_edge.runtime.matchers.cuda import CudaMatcher, import_driver
 from spade_edge.runtime.runners.base import Features
 
@@ -127,7 +128,7 @@ def gemm_tflops(q: int, m: int, c: int, repeats: int = 10) -> float | None:
     ms = cp.cuda.get_elapsed_time(start, end) / repeats
     del a, b, out
     cp.get_default_memory_pool().free_all_blocks()
-    return flops / (ms * 1e-3) / 1e12
+    return float(flops / (ms * 1e-3) / 1e12)
 
 
 def _median_stages(m: Any, f: Features, repeats: int) -> tuple[dict[str, float], float]:
@@ -164,7 +165,8 @@ def bench_cuda_matcher(
     gemm_rates: dict[tuple[int, int, int], float | None] = {}
     rows: list[dict[str, Any]] = []
     for kk in ks:
-        m = CudaMatcher(gal, k_image=kk, k_gallery=kk, device=device)
+        # _Tiled arrays index like the fp16 arrays GalleryArrays describes
+        m = CudaMatcher(cast(GalleryArrays, gal), k_image=kk, k_gallery=kk, device=device)
         with m._gpu.active():
             f, keep = _device_query(drv, contract, 0)
         try:

@@ -53,7 +53,8 @@ def bf16_round(x: np.ndarray) -> np.ndarray:
     """Round float32 values to the nearest bf16 (ties to even), returned as float32."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return r.view(np.float32)
+    out: np.ndarray = r.view(np.float32)
+    return out
 
 
 @dataclass

@@ -49,7 +49,8 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     buf = bufs.get(name)
     if buf is None or buf.size < n:
         buf = bufs[name] = np.empty(n, dtype=np.float32)
-    return buf[:n].reshape(shape)
+    out: np.ndarray = buf[:n].reshape(shape)
+    return out
 
 
 def nearest_images(
@@ -130,7 +131,8 @@ def min_sq_distances(
                 refined[rows_hit] = np.minimum(refined[rows_hit], np.minimum.reduceat(d, starts))
     nearest = level.reshape(level.shape[0], n_pos, c)[best_img, best_pos].astype(np.float32)
     diff = q - nearest
-    return np.minimum(np.einsum("ij,ij->i", diff, diff, dtype=np.float32), refined)
+    out: np.ndarray = np.minimum(np.einsum("ij,ij->i", diff, diff, dtype=np.float32), refined)
+    return out
 
 
 class NumpyMatcher(Backend):

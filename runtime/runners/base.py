@@ -5,6 +5,7 @@ Modelled on Polygraphy's runners: construct (load once), ``infer`` many times, `
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,11 +29,11 @@ class Features:
     batch: int
     device: bool = False
     dtypes: tuple[str, ...] = ()
-    _to_host: Any = None
+    _to_host: Callable[[], Features] | None = None
 
     def to_host(self) -> Features:
         """Host copy (no-op for host features)."""
-        if not self.device:
+        if not self.device or self._to_host is None:
             return self
         return self._to_host()
 
@@ -52,6 +53,12 @@ class Runner(Protocol):
     contract: Contract
     fingerprint: str
     max_batch: int | None
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """The model's ONNX metadata_props (lineage included): compat decisions read it."""
+        ...
+
     #: may one instance run ``infer`` from several threads at once (else callers serialise)
     thread_safe: bool
 

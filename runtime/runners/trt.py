@@ -182,7 +182,7 @@ def features_for(version: str) -> TrtFeatures:
     )
 
 
-def import_tensorrt() -> ModuleType:
+def import_tensorrt() -> Any:  # TensorRT's bindings ship no type information
     """``import tensorrt`` or a BackendUnavailableError that says what to install."""
     try:
         import tensorrt as trt
@@ -240,7 +240,7 @@ def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
 
 
 def _np_dtype_name(trt: ModuleType, dtype: Any) -> str:
-    return np.dtype(trt.nptype(dtype)).name
+    return str(np.dtype(trt.nptype(dtype)).name)
 
 
 class TrtRunner(Backend):

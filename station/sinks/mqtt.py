@@ -104,6 +104,7 @@ class MqttSink(BufferedSink):
         c.will_set(self.status_topic, payload="offline", qos=1, retain=True)
         if self.username is not None:
             c.username_pw_set(self.username, self.password)
+        # paho annotates int seconds but only does arithmetic with them (sub-second backoff)
         c.reconnect_delay_set(min_delay=self.backoff[0], max_delay=self.backoff[1])  # type: ignore[arg-type]
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
