@@ -223,28 +223,17 @@ def build_engine(
             "bias), which TensorRT cannot build; re-quantize with --int8-target trt"
         )
 
+    opts = BuildOptions(max_batch, opt, workspace_mb, timing_cache, tf32, verbose)
     trt = import_tensorrt()
     features = features_for(trt.__version__)
     cuda = import_pycuda("the TensorRT engine builder")
     gpu = CudaDevice.open(cuda, device)
     try:
         with gpu.active():
-            result = _build(
-                trt,
-                features,
-                gpu,
-                onnx_path,
-                contract,
-                max_batch,
-                opt,
-                workspace_mb,
-                timing_cache,
-                tf32,
-                verbose,
-            )
+            built = BuildPlan(trt, features, gpu, onnx_path, contract, opts)()
     finally:
         gpu.release()
-    plan, inputs, outputs, summary, seconds, cache_loaded, build_meta = result
+    plan = built.plan
 
     write_engine_file(
         engine_path,
@@ -254,11 +243,11 @@ def build_engine(
         tensorrt_version=trt.__version__,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
-        inputs=inputs,
-        outputs=outputs,
+        inputs=built.inputs,
+        outputs=built.outputs,
         max_batch=max_batch,
         opt_batch=opt,
-        build=build_meta,
+        build=built.meta,
         source={"onnx_name": onnx_path.name, "onnx_sha256": file_sha256(onnx_path, ExportError)},
         onnx_metadata=dict(info.metadata),
     )
@@ -275,27 +264,55 @@ def build_engine(
         max_batch=max_batch,
         opt_batch=opt,
         plan_bytes=len(plan),
-        seconds=seconds,
+        seconds=built.seconds,
         timing_cache=Path(timing_cache) if timing_cache is not None else None,
-        timing_cache_loaded=cache_loaded,
-        network=summary,
+        timing_cache_loaded=built.timing_cache_loaded,
+        network=built.network,
     )
 
 
-def _build(
-    trt: Any,
-    features: Any,
-    gpu: CudaDevice,
-    onnx_path: Path,
-    contract: Contract,
-    max_batch: int,
-    opt: int,
-    workspace_mb: int | None,
-    timing_cache: Path | None,
-    tf32: bool,
-    verbose: bool,
-) -> tuple[bytes, list[TensorSpec], list[TensorSpec], NetworkSummary, float, bool, dict]:
-    """The TensorRT part of the build (inside the device's primary context)."""
+@dataclass(frozen=True)
+class BuildOptions:
+    """The checked build settings (``build_engine`` validates them)."""
+
+    max_batch: int
+    opt_batch: int
+    workspace_mb: int | None
+    timing_cache: Path | None
+    tf32: bool
+    verbose: bool
+
+
+@dataclass
+class BuiltPlan:
+    """What the TensorRT part of a build produced."""
+
+    plan: bytes
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    network: NetworkSummary
+    seconds: float
+    timing_cache_loaded: bool
+    meta: dict[str, Any]
+
+
+@dataclass
+class ParsedNetwork:
+    """Builder, strongly typed network (parsed from the ONNX) and the logger they share."""
+
+    builder: Any
+    network: Any
+    logger: Any
+    summary: NetworkSummary
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def parse_network(
+    trt: Any, features: Any, onnx_path: Path, contract: Contract, verbose: bool
+) -> ParsedNetwork:
+    """Loader 1: parse the ONNX into a strongly typed network and check it against the
+    contract (precision actually present, I/O names and shapes)."""
     logger = make_logger(trt, verbose)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags_mask(trt, features))
@@ -311,59 +328,92 @@ def _build(
     summary = summarize_network(trt, network)
     check_precision(contract, summary, str(onnx_path))
     inputs, outputs = _io_specs(trt, network, contract, str(onnx_path))
+    return ParsedNetwork(builder, network, logger, summary, inputs, outputs)
 
+
+def make_config(
+    trt: Any, features: Any, builder: Any, contract: Contract, opts: BuildOptions
+) -> tuple[Any, list[str]]:
+    """Loader 2: builder config (workspace, TF32 cleared unless allowed, one batch profile).
+    Returns the config and the builder flags it cleared."""
     config = builder.create_builder_config()
-    if workspace_mb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if opts.workspace_mb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     cleared = []
-    if not tf32:
+    if not opts.tf32:
         for name in features.strict_fp32_clear:
             config.clear_flag(getattr(trt.BuilderFlag, name))
             cleared.append(name)
     s = contract.image_size
     profile = builder.create_optimization_profile()
-    profile.set_shape(contract.input_name, (1, 3, s, s), (opt, 3, s, s), (max_batch, 3, s, s))
+    profile.set_shape(
+        contract.input_name,
+        (1, 3, s, s),
+        (opts.opt_batch, 3, s, s),
+        (opts.max_batch, 3, s, s),
+    )
     config.add_optimization_profile(profile)
+    return config, cleared
 
-    cache_loaded = False
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        try:
-            data = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        except OSError as e:
-            raise InputError(f"{timing_cache}: cannot read timing cache: {e.strerror}") from None
-        cache = config.create_timing_cache(data)
-        if config.set_timing_cache(cache, False):
-            cache_loaded = bool(data)
-        else:
-            log.warning(
-                "%s: timing cache was made for another GPU/TensorRT; starting afresh", timing_cache
+
+def load_timing_cache(config: Any, path: Path | None) -> bool:
+    """Loader 3: attach the timing cache at ``path`` (a fresh one if it is missing or was made
+    for another GPU/TensorRT). Returns whether a stored cache was loaded."""
+    if path is None:
+        return False
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as e:
+        raise InputError(f"{path}: cannot read timing cache: {e.strerror}") from None
+    cache = config.create_timing_cache(data)
+    if config.set_timing_cache(cache, False):
+        return bool(data)
+    log.warning("%s: timing cache was made for another GPU/TensorRT; starting afresh", path)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return False
+
+
+@dataclass
+class BuildPlan:
+    """The TensorRT part of a build as composed loaders (Polygraphy's model): parse ->
+    configure -> timing cache -> build -> save the cache. Call it inside the device's context."""
+
+    trt: Any
+    features: Any
+    gpu: CudaDevice
+    onnx_path: Path
+    contract: Contract
+    opts: BuildOptions
+
+    def __call__(self) -> BuiltPlan:
+        trt, opts = self.trt, self.opts
+        cache_path = Path(opts.timing_cache) if opts.timing_cache is not None else None
+        net = parse_network(trt, self.features, self.onnx_path, self.contract, opts.verbose)
+        config, cleared = make_config(trt, self.features, net.builder, self.contract, opts)
+        cache_loaded = load_timing_cache(config, cache_path)
+        t0 = time.perf_counter()
+        serialized = net.builder.build_serialized_network(net.network, config)
+        seconds = time.perf_counter() - t0
+        if serialized is None or int(serialized.nbytes) == 0:
+            raise ExportError(
+                f"{self.onnx_path}: TensorRT {trt.__version__} failed to build the engine on "
+                f"{self.gpu.name}: {net.logger.last_errors()}"
             )
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if serialized is None or int(serialized.nbytes) == 0:
-        raise ExportError(
-            f"{onnx_path}: TensorRT {trt.__version__} failed to build the engine on "
-            f"{gpu.name}: {logger.last_errors()}"
-        )
-    plan = bytes(memoryview(serialized).cast("B"))
-    if timing_cache is not None:
-        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
-    build_meta = {
-        "strongly_typed": True,
-        "network_flags": list(features.network_flags),
-        "cleared_builder_flags": cleared,
-        "workspace_mb": workspace_mb,
-        "timing_cache": timing_cache.name if timing_cache is not None else None,
-        "timing_cache_loaded": cache_loaded,
-        "build_seconds": round(seconds, 3),
-        "network": asdict(summary),
-        "device_index": gpu.index,
-    }
-    return plan, inputs, outputs, summary, seconds, cache_loaded, build_meta
+        plan = bytes(memoryview(serialized).cast("B"))
+        if cache_path is not None:
+            write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        meta = {
+            "strongly_typed": True,
+            "network_flags": list(self.features.network_flags),
+            "cleared_builder_flags": cleared,
+            "workspace_mb": opts.workspace_mb,
+            "timing_cache": cache_path.name if cache_path is not None else None,
+            "timing_cache_loaded": cache_loaded,
+            "build_seconds": round(seconds, 3),
+            "network": asdict(net.summary),
+            "device_index": self.gpu.index,
+        }
+        return BuiltPlan(plan, net.inputs, net.outputs, net.summary, seconds, cache_loaded, meta)
 
 
 __all__ = ["EngineInfo", "NetworkSummary", "build_engine", "check_precision", "summarize_network"]

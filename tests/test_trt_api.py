@@ -36,8 +36,10 @@ SNAPSHOTS = sorted(SNAP_DIR.glob("trt-*.json"))
 #: member name (the AST scan cannot tell objects apart). Each one says where it is used.
 NOT_TENSORRT = {
     "append": "list.append",
+    "builder": "trt_build.ParsedNetwork.builder (our dataclass)",
     "float32": "numpy.float32",
     "itemsize": "numpy ndarray.itemsize",
+    "logger": "trt_build.ParsedNetwork.logger (our dataclass)",
     "metadata": "EngineFile.metadata / ModelInfo.metadata (ONNX metadata_props)",
     "precision": "Contract.precision / EngineFile.precision",
     "release": "CudaDevice.release()",
