@@ -437,3 +437,26 @@ def test_emulator_refuses_an_undersized_shared_memory_launch(simt_lib) -> None:
     dev.launch(
         "knn_min_bm32", (1, 1), (256,), "PPiPPPiiiiP", *args, shared=cm.fused_smem_bytes(32, cp)
     )
+
+
+def test_profile_times_every_named_stage(gpu: GpuEnv) -> None:
+    """profile=True records one event per stage (StageEvents) and names every stage's time."""
+    rng = np.random.default_rng(21)
+    g = make_gallery(rng, [(6, 5, 40), (3, 3, 72)], 48, 6, size=32)
+    f = random_features(rng, g.contract, 1)
+    with cm.CudaMatcher(g, k_image=2, k_gallery=3) as m:
+        m.profile = True
+        got = m.score(f)
+        assert set(m.stage_ms) == {
+            "h2d",
+            "pooled_knn_topk",
+            "prep_l0",
+            "fused_l0",
+            "prep_l1",
+            "fused_l1",
+            "upsample_mean_blur",
+            "d2h",
+            "matching",
+        }
+        assert all(isinstance(v, float) and v >= 0.0 for v in m.stage_ms.values())
+    assert_matches(got, NumpyMatcher(g, k_image=2, k_gallery=3).score(f))

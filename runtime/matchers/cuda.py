@@ -194,6 +194,47 @@ class _Level:
     fn: Any = None
 
 
+@dataclass
+class StageEvents:
+    """CUDA events recorded on the stream around each stage of one image (``profile``)."""
+
+    start: Any  # before the inputs are copied or read
+    inputs_ready: Any  # host inputs uploaded
+    pooled_done: Any  # pooled kNN + top-K
+    prep_done: list[Any]  # per level: query converted to fp16 + norms
+    fused_done: list[Any]  # per level: fused nearest-position kernel
+    maps_done: Any  # upsample + level mean + blur
+    copied_back: Any  # the one device->host copy
+
+    @classmethod
+    def create(cls, drv: Any, n_levels: int) -> StageEvents:
+        return cls(
+            start=drv.Event(),
+            inputs_ready=drv.Event(),
+            pooled_done=drv.Event(),
+            prep_done=[drv.Event() for _ in range(n_levels)],
+            fused_done=[drv.Event() for _ in range(n_levels)],
+            maps_done=drv.Event(),
+            copied_back=drv.Event(),
+        )
+
+    def stage_ms(self, level_names: Sequence[str]) -> dict[str, float]:
+        """Milliseconds per stage (events must have completed: after a synchronize)."""
+        t = {
+            "h2d": self.inputs_ready.time_since(self.start),
+            "pooled_knn_topk": self.pooled_done.time_since(self.inputs_ready),
+        }
+        prev = self.pooled_done
+        for name, prep, fused in zip(level_names, self.prep_done, self.fused_done, strict=True):
+            t[f"prep_{name}"] = prep.time_since(prev)
+            t[f"fused_{name}"] = fused.time_since(prep)
+            prev = fused
+        t["upsample_mean_blur"] = self.maps_done.time_since(prev)
+        t["d2h"] = self.copied_back.time_since(self.maps_done)
+        t["matching"] = self.maps_done.time_since(self.inputs_ready)
+        return {k: float(v) for k, v in t.items()}
+
+
 class CudaMatcher(Backend):
     """SPADE kNN scoring on an NVIDIA GPU (pycuda). One stream; not thread-safe."""
 
@@ -376,7 +417,7 @@ class CudaMatcher(Backend):
         self._f_blur = post_mod.get_function("blur_pass")
         self._f_blur.prepare("PPiPii")
         self._pooled_grid = (max(1, min(-(-n // 8), 4 * n_sm)), 1)
-        self._events = [drv.Event() for _ in range(4 + 2 * len(self._levels))]
+        self._events = StageEvents.create(drv, len(self._levels))
         self._stream.synchronize()
 
     def _set_smem(self, fn: Any, nbytes: int, optin: int, what: str) -> None:
@@ -499,7 +540,7 @@ class CudaMatcher(Backend):
         st = self._stream
         ev = self._events if self.profile else None
         if ev:
-            ev[0].record(st)
+            ev.start.record(st)
         # Host features: fp32 (or fp16) uploaded to the per-level staging buffers.
         srcs = []
         for L, a in zip(self._levels, f.levels, strict=True):
@@ -517,7 +558,7 @@ class CudaMatcher(Backend):
     def _score_device(self, f: Features, b: int, dtypes: list[str]) -> Score:
         ev = self._events if self.profile else None
         if ev:
-            ev[0].record(self._stream)
+            ev.start.record(self._stream)
         srcs = []
         for L, obj, dt in zip(self._levels, f.levels, dtypes[:-1], strict=True):
             es = 2 if dt == "float16" else 4
@@ -526,13 +567,15 @@ class CudaMatcher(Backend):
         qptr = int(f.pooled) + b * self.contract.pooled_dim * es
         return self._run(srcs, (qptr, int(dtypes[-1] == "float16")), ev)
 
-    def _run(self, srcs: list[tuple[int, int]], pooled: tuple[int, int], ev: Any) -> Score:
+    def _run(
+        self, srcs: list[tuple[int, int]], pooled: tuple[int, int], ev: StageEvents | None
+    ) -> Score:
         """Queue the whole matching stage on the stream, copy the result back once."""
         st = self._stream
         s = self.size
         n = self.n_images
         if ev:
-            ev[1].record(st)
+            ev.inputs_ready.record(st)
         self._f_pooled.prepared_async_call(
             self._pooled_grid,
             (256, 1, 1),
@@ -560,7 +603,7 @@ class CudaMatcher(Backend):
             shared_size=self._topk_smem,
         )
         if ev:
-            ev[2].record(st)
+            ev.pooled_done.record(st)
         minbuf = int(self._minbuf)
         for i, (L, (ptr, half)) in enumerate(zip(self._levels, srcs, strict=True)):
             mptr = minbuf + L.min_off * 4
@@ -578,7 +621,7 @@ class CudaMatcher(Backend):
                 mptr,
             )
             if ev:
-                ev[3 + 2 * i].record(st)
+                ev.prep_done[i].record(st)
             L.fn.prepared_async_call(
                 (-(-L.p // L.bm), L.splits),
                 (THREADS, 1, 1),
@@ -597,7 +640,7 @@ class CudaMatcher(Backend):
                 shared_size=L.smem,
             )
             if ev:
-                ev[4 + 2 * i].record(st)
+                ev.fused_done[i].record(st)
         grid = (-(-s // 32), -(-s // 8))
         block = (32, 8, 1)
         radius = (len(self._weights_host) - 1) // 2
@@ -610,36 +653,19 @@ class CudaMatcher(Backend):
         self._f_blur.prepared_async_call(
             grid, block, st, int(self._tmp_b), int(self._out), s, int(self._weights), radius, 0
         )
-        k = len(self._levels)
         if ev:
-            ev[3 + 2 * k].record(st)
+            ev.maps_done.record(st)
         self._drv.memcpy_dtoh_async(self._out_host, self._out, st)
         if ev:
-            ev[-1].record(st)
+            ev.copied_back.record(st)
         st.synchronize()
         if ev:
-            self._record_times(ev)
+            self.stage_ms = ev.stage_ms([L.name for L in self._levels])
         out = self._out_host
         amap = out[: s * s].reshape(s, s).copy()
         score = float(out[s * s])
         nbrs = out[s * s + 1 : s * s + 1 + self.kmax].view(np.int32).astype(np.int64)
         return Score(score, amap, nbrs)
-
-    def _record_times(self, ev: Sequence[Any]) -> None:
-        k = len(self._levels)
-        t = {
-            "h2d": ev[1].time_since(ev[0]),
-            "pooled_knn_topk": ev[2].time_since(ev[1]),
-        }
-        prev = ev[2]
-        for i, L in enumerate(self._levels):
-            t[f"prep_{L.name}"] = ev[3 + 2 * i].time_since(prev)
-            t[f"fused_{L.name}"] = ev[4 + 2 * i].time_since(ev[3 + 2 * i])
-            prev = ev[4 + 2 * i]
-        t["upsample_mean_blur"] = ev[3 + 2 * k].time_since(prev)
-        t["d2h"] = ev[-1].time_since(ev[3 + 2 * k])
-        t["matching"] = ev[3 + 2 * k].time_since(ev[1])
-        self.stage_ms = t
 
     def set_block_rows(self, block_rows: int | None) -> None:
         """Re-plan the fused kernels with forced query rows per CTA (None = automatic).
