@@ -287,19 +287,7 @@ def quantize_int8(
     t0 = time.perf_counter()
     src, dst, calib_dir = Path(src), Path(dst), Path(calib_dir)
     method = method.lower()
-    if method not in METHODS:
-        raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    if target not in TARGETS:
-        raise ConfigError(f"INT8 target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if keep_float not in KEEP_FLOAT:
-        raise ConfigError(f"keep_float must be one of {', '.join(KEEP_FLOAT)}, got {keep_float!r}")
-    n_calib = DEFAULT_CALIB_IMAGES if num_images is None else num_images
-    if isinstance(n_calib, bool) or not isinstance(n_calib, int) or n_calib < MIN_CALIB_IMAGES:
-        raise ConfigError(
-            f"calibration image count must be an integer >= {MIN_CALIB_IMAGES}, got {num_images!r}"
-        )
-    if not 50.0 < percentile <= 100.0:
-        raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
+    n_calib = _check_options(method, target, keep_float, num_images, percentile)
     info = read_model_info(src)  # FormatError for a model without the spade contract
     if info.contract.precision != "fp32":
         raise InputError(
@@ -309,49 +297,14 @@ def quantize_int8(
         raise CalibrationError(f"{calib_dir}: calibration folder not found (need normal images)")
 
     images = read_normal_images(calib_dir, info.contract, n_calib + CHECK_QUERIES, seed)
-    usable = len(images.paths)
-    if usable < MIN_CALIB_IMAGES:
-        bad = f", {len(images.skipped)} unreadable" if images.skipped else ""
-        raise CalibrationError(
-            f"{calib_dir}: only {usable} readable normal image(s) ({images.available} found{bad}); "
-            f"INT8 calibration needs at least {MIN_CALIB_IMAGES} (recommended "
-            f"{DEFAULT_CALIB_IMAGES} + {CHECK_QUERIES} held out for the accuracy check)"
-        )
-    spare = usable - MIN_CALIB_IMAGES
-    n_hold = min(CHECK_QUERIES, spare) if spare >= MIN_CHECK_QUERIES else 0
-    calib = images.tensors[: usable - n_hold]
-    hold = images.tensors[usable - n_hold :]
-    if n_hold == 0:
-        warnings.warn(
-            f"{calib_dir}: no normal images left for the accuracy check (need "
-            f"{MIN_CALIB_IMAGES + MIN_CHECK_QUERIES}+); the INT8 model will not be allowed to "
-            "reuse galleries of its fp32 parent",
-            UserWarning,
-            2,
-        )
+    calib, hold = _split_calibration(images, calib_dir)
+    n_hold = len(hold)
 
     model, excluded, n_quant = _quantize(
         src, info, calib, method, target, keep_float, percentile, preprocess
     )
-    tool = {
-        "tool": "spade_edge.calibration.int8",
-        "method": method,
-        "target": target,
-        "keep_float": keep_float,
-        "calib_images": len(calib),
-        "holdout_images": n_hold,
-        "skipped_images": len(images.skipped),
-        "seed": seed,
-    }
-    if method == "percentile":
-        tool["percentile"] = percentile
-    quant_info = {
-        **{k: tool[k] for k in ("method", "target", "keep_float", "calib_images")},
-        "activations": "int8 symmetric" if target == "trt" else "uint8 asymmetric",
-        "weights": "int8 symmetric per-channel",
-        "bias": "float" if target == "trt" else "int32",
-        "float_nodes": len(excluded),
-    }
+    counts = (len(calib), n_hold, len(images.skipped), len(excluded))
+    tool, quant_info = _provenance(method, target, keep_float, percentile, seed, *counts)
     contract, fingerprint = stamp_derived(model, info, "int8", {"quantization": quant_info})
     check = _check_and_write(model, info, dst, hold, calib[:CHECK_REFERENCE], "int8")
     lineage = make_lineage(info, fingerprint, "int8", check, tool, derived_contract=contract)
@@ -375,6 +328,85 @@ def quantize_int8(
         seconds=time.perf_counter() - t0,
         bytes=dst.stat().st_size,
     )
+
+
+def _check_options(
+    method: str, target: str, keep_float: str, num_images: int | None, percentile: float
+) -> int:
+    """ConfigError for a bad option; returns the calibration image count to use."""
+    if method not in METHODS:
+        raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    if target not in TARGETS:
+        raise ConfigError(f"INT8 target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if keep_float not in KEEP_FLOAT:
+        raise ConfigError(f"keep_float must be one of {', '.join(KEEP_FLOAT)}, got {keep_float!r}")
+    n_calib = DEFAULT_CALIB_IMAGES if num_images is None else num_images
+    if isinstance(n_calib, bool) or not isinstance(n_calib, int) or n_calib < MIN_CALIB_IMAGES:
+        raise ConfigError(
+            f"calibration image count must be an integer >= {MIN_CALIB_IMAGES}, got {num_images!r}"
+        )
+    if not 50.0 < percentile <= 100.0:
+        raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
+    return n_calib
+
+
+def _split_calibration(images: ImageSet, calib_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration tensors, held-out tensors for the accuracy check); refuses too few images."""
+    usable = len(images.paths)
+    if usable < MIN_CALIB_IMAGES:
+        bad = f", {len(images.skipped)} unreadable" if images.skipped else ""
+        raise CalibrationError(
+            f"{calib_dir}: only {usable} readable normal image(s) ({images.available} found{bad}); "
+            f"INT8 calibration needs at least {MIN_CALIB_IMAGES} (recommended "
+            f"{DEFAULT_CALIB_IMAGES} + {CHECK_QUERIES} held out for the accuracy check)"
+        )
+    spare = usable - MIN_CALIB_IMAGES
+    n_hold = min(CHECK_QUERIES, spare) if spare >= MIN_CHECK_QUERIES else 0
+    calib = images.tensors[: usable - n_hold]
+    hold = images.tensors[usable - n_hold :]
+    if n_hold == 0:
+        warnings.warn(
+            f"{calib_dir}: no normal images left for the accuracy check (need "
+            f"{MIN_CALIB_IMAGES + MIN_CHECK_QUERIES}+); the INT8 model will not be allowed to "
+            "reuse galleries of its fp32 parent",
+            UserWarning,
+            3,  # the caller of quantize_int8
+        )
+    return calib, hold
+
+
+def _provenance(
+    method: str,
+    target: str,
+    keep_float: str,
+    percentile: float,
+    seed: int,
+    n_calib: int,
+    n_hold: int,
+    n_skipped: int,
+    n_float: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the lineage's tool record, the contract's ``quantization`` entry)."""
+    tool: dict[str, Any] = {
+        "tool": "spade_edge.calibration.int8",
+        "method": method,
+        "target": target,
+        "keep_float": keep_float,
+        "calib_images": n_calib,
+        "holdout_images": n_hold,
+        "skipped_images": n_skipped,
+        "seed": seed,
+    }
+    if method == "percentile":
+        tool["percentile"] = percentile
+    quant_info = {
+        **{k: tool[k] for k in ("method", "target", "keep_float", "calib_images")},
+        "activations": "int8 symmetric" if target == "trt" else "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel",
+        "bias": "float" if target == "trt" else "int32",
+        "float_nodes": n_float,
+    }
+    return tool, quant_info
 
 
 def _check_and_write(
