@@ -15,14 +15,12 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.text import Text
 
 from spade_edge.runtime.errors import InputError, SpadeError
@@ -197,35 +195,6 @@ def check_output_dir(path: Path | None, option: str) -> None:
 def atomic_write_text(path: str | Path, content: str) -> None:
     """Write a report atomically so a crash never leaves half of it (names stay lossless)."""
     write_atomic(path, content.encode("utf-8", "surrogateescape"))
-
-
-# ------------------------------------------------------------------------------ progress
-
-
-@contextmanager
-def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar on stderr; yields ``advance(n)`` (a no-op when disabled)."""
-
-    def noop(n: int = 1) -> None:
-        pass
-
-    if not enabled:
-        yield noop
-        return
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as prog:
-        task = prog.add_task(description, total=total)
-
-        def advance(n: int = 1) -> None:
-            prog.advance(task, n)
-
-        yield advance
 
 
 # ------------------------------------------------------------------------------ entry points

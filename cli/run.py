@@ -22,7 +22,6 @@ from spade_edge.cli._common import (
     error,
     handle_errors,
     make_main,
-    progress,
     resolve_k,
     threshold_opt,
     warn,
@@ -30,6 +29,7 @@ from spade_edge.cli._common import (
 from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.preprocess import list_images
+from spade_edge.runtime.progress import counting
 from spade_edge.runtime.records import csv_text, dumps_record, path_fields
 from spade_edge.runtime.visualize import save_maps
 
@@ -136,7 +136,7 @@ def run(
     used: set[str] = set()
     failed: list[SpadeError] = []
     sink = None if json_out is None else io.StringIO()
-    with det, progress(len(paths), "scoring", enabled=len(paths) > 1) as advance:
+    with det, counting(len(paths), "scoring", enabled=len(paths) > 1) as advance:
         for path, res in det.predict_paths(paths, batch_size=batch_size):
             if isinstance(res, SpadeError):
                 failed.append(res)

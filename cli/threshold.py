@@ -16,10 +16,10 @@ from spade_edge.cli._common import (
     handle_errors,
     json_text,
     make_main,
-    progress,
     resolve_k,
 )
 from spade_edge.runtime.gallery import Gallery
+from spade_edge.runtime.progress import counting
 from spade_edge.runtime.thresholds import calibrate_gallery
 
 app = typer.Typer(add_completion=False)
@@ -45,7 +45,7 @@ def threshold(
     ki, kg = resolve_k(k, k_image, k_gallery)
     with Gallery.open(gallery) as g:
         n = g.n_images
-    with progress(n, "leave-one-out") as advance:
+    with counting(n, "leave-one-out") as advance:
         th = calibrate_gallery(gallery, out, far=far, k_image=ki, k_gallery=kg, progress=advance)
     typer.echo(json_text(th))
 

@@ -9,7 +9,6 @@ field so an artifact says exactly which weights produced it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from spade_edge.export.backbones import BackboneSpec, WeightSource
 from spade_edge.runtime.errors import WeightsError
 from spade_edge.runtime.fileio import atomic_path, file_sha256
+from spade_edge.runtime.progress import progress_bar
 from spade_edge.runtime.registry import import_attr
 
 CHUNK = 1 << 20
@@ -44,28 +44,6 @@ def hub_checkpoint_dir() -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _progress(total: int | None, label: str) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    prog = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    return prog, prog.add_task(label, total=total)
 
 
 def download_verified(
@@ -94,12 +72,10 @@ def download_verified(
             ) from None
         with resp, tmp.open("wb") as out:
             total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-            prog, task = (
-                _progress(int(total) if total else None, f"downloading {dest.name}")
-                if progress
-                else (None, None)
-            )
-            with prog if prog is not None else contextlib.nullcontext():
+            with progress_bar(progress, transfer=True) as prog:
+                task = prog.add_task(
+                    f"downloading {dest.name}", total=int(total) if total else None
+                )
                 while True:
                     try:
                         chunk = resp.read(CHUNK)
@@ -109,8 +85,7 @@ def download_verified(
                         break
                     h.update(chunk)
                     out.write(chunk)
-                    if prog is not None:
-                        prog.update(task, advance=len(chunk))
+                    prog.update(task, advance=len(chunk))
             out.flush()
             os.fsync(out.fileno())
         digest = h.hexdigest()

@@ -44,6 +44,7 @@ from spade_edge.runtime.gallery import (
     sqnorms_fp16,
 )
 from spade_edge.runtime.preprocess import Prepared, list_images, prepare_path, read_ahead
+from spade_edge.runtime.progress import progress_bar
 from spade_edge.runtime.runners import Runner, open_runner
 from spade_edge.runtime.thresholds import DEFAULT_FAR, MIN_IMAGES, compute_thresholds
 
@@ -89,27 +90,6 @@ class PackReport:
 def _image_sha256(path: Path) -> str:
     """Content hash of an image file (identifies the same image under another name)."""
     return file_sha256(path, ImageDecodeError)
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def _checked_far(far: float | None) -> float | None:
@@ -422,11 +402,11 @@ def pack(
         # decoding costs a fraction of inference: half the cores keep it ahead without
         # starving the backbone of CPU
         n_workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
-        bar = stack.enter_context(_progress(progress))
+        bar = stack.enter_context(progress_bar(progress))
         pool = stack.enter_context(ThreadPoolExecutor(n_workers))
         store_pool = stack.enter_context(ThreadPoolExecutor(1))
 
-        task = bar.add_task("hashing", total=len(paths), rate="")
+        task = bar.add_task("hashing", total=len(paths), note="")
         srcs = _hash_sources(
             paths,
             base.sources if base is not None else [],
@@ -438,11 +418,11 @@ def pack(
         bar.update(task, visible=False)
 
         buffers = _FeatureBuffers(runner.contract, len(srcs.todo), str(model_path))
-        task = bar.add_task("packing", total=len(srcs.todo), rate="")
+        task = bar.add_task("packing", total=len(srcs.todo), note="")
 
         def advance(n: int, done: int) -> None:
             rate = done / max(time.perf_counter() - t_start, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:.1f} img/s")
+            bar.update(task, advance=n, note=f"{rate:.1f} img/s")
 
         inferred = _infer_all(
             runner,
@@ -484,7 +464,7 @@ def pack(
             )
 
         t_th = time.perf_counter()
-        task = bar.add_task("thresholds", total=data.n_images, rate="leave-one-out")
+        task = bar.add_task("thresholds", total=data.n_images, note="leave-one-out")
         data, note = _with_thresholds(
             data, far_used, settings, base, lambda k: bar.advance(task, k)
         )
