@@ -82,7 +82,7 @@ def run(
         typer.Option(
             "--verify/--no-verify",
             help="Check the gallery's checksums and finiteness before scoring (default; "
-            "~2.5 s per 600 MB).",
+            "cost: docs/reliability.md).",
         ),
     ] = True,
     triton: Annotated[

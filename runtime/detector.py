@@ -164,8 +164,8 @@ class Detector:
         """Open model and gallery, check they belong together, build the matcher.
 
         ``verify`` (default) checks every gallery blob's SHA-256 and that every stored value is
-        finite before anything is scored: about 2.3-3 s per 600 MB gallery on a small CPU,
-        once per load (docs/reliability.md); pass False to skip it knowingly.
+        finite before anything is scored, once per load (its measured cost:
+        docs/reliability.md); pass False to skip it knowingly.
         ``runner_options``/``matcher_options`` go to the backends (e.g. ``device`` for a GPU)."""
         g = Gallery.open(gallery, verify=verify)
         try:

@@ -27,8 +27,8 @@ from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import combine_levels
 
 #: Distance tiles (float32 elements). Wide features (C >= 128) are GEMM-bound and want big
-#: tiles (wrn50 layer1: 152 ms at 16 Mi vs 178 ms at 4 Mi); narrow ones (Lite0, C = 24) are
-#: memory-bound and want cache-sized tiles (25 ms at 2 Mi vs 31 ms at 16 Mi). Measured here.
+#: tiles; narrow ones (Lite0, C = 24) are memory-bound and want cache-sized tiles. Re-check
+#: both with `spade bench` (per-level pixel kNN rows) on a new CPU.
 TILE_ELEMENTS = 16 * 1024 * 1024
 NARROW_TILE_ELEMENTS = 2 * 1024 * 1024
 NARROW_CHANNELS = 128

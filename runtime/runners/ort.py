@@ -60,7 +60,7 @@ class OrtRunner(Backend):
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ORT's pool threads otherwise spin after each run, stealing the cores the matcher's
-        # GEMM needs right after inference (measured: +95 ms per wrn50 image on 2 cores)
+        # GEMM needs right after inference (spade-bench's end-to-end row shows the effect)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.qdq_fusion = not int8_dot_saturates() if qdq_fusion is None else bool(qdq_fusion)
         if not self.qdq_fusion:  # no effect on fp32/fp16 graphs
