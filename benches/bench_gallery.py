@@ -198,7 +198,7 @@ def main() -> None:
             f"--verify {o['open_verify_s']:.2f} s; write {o['write_s']:.2f} s"
         )
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        args.json.write_text(json.dumps(res, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 

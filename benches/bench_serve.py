@@ -263,18 +263,22 @@ def main() -> None:
             res = load(srv.url, data, c, a.rounds * len(data), f"c{c}")
             res["batch_sizes"] = batch_distribution(before, batch_histogram(srv.url))
             report["serve"].append(res)
-            print(json.dumps(res), flush=True)
+            print(json.dumps(res, allow_nan=False), flush=True)
         if a.compare_run:
             report["spade_run"] = spade_run_throughput(a.model, a.gallery, paths, a.backend)
-            print(json.dumps({"spade_run": report["spade_run"]}), flush=True)
+            print(json.dumps({"spade_run": report["spade_run"]}, allow_nan=False), flush=True)
         if a.gallery_update is not None:
             report["gallery_update"] = gallery_update(srv.url, a.gallery_update)
-            print(json.dumps({"gallery_update": report["gallery_update"]}), flush=True)
+            print(
+                json.dumps({"gallery_update": report["gallery_update"]}, allow_nan=False),
+                flush=True,
+            )
         if a.soak:
             report["soak"] = soak(srv, data, a.soak, a.soak_clients)
             print(
                 json.dumps(
-                    {"soak": {k: v for k, v in report["soak"].items() if k != "rss_series"}}
+                    {"soak": {k: v for k, v in report["soak"].items() if k != "rss_series"}},
+                    allow_nan=False,
                 ),
                 flush=True,
             )

@@ -311,7 +311,7 @@ def main() -> None:
             t0 = time.perf_counter()
             out[name] = fn(args, tmp)
             out[name]["bench_s"] = round(time.perf_counter() - t0, 1)
-            print(name, json.dumps(out[name]), flush=True)
+            print(name, json.dumps(out[name], allow_nan=False), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, allow_nan=False))
 

@@ -117,10 +117,10 @@ def bench_triton(
                 for c in args.clients:
                     r = drive(lambda url=url: TritonInspector(url), call, images, c, _n(args, c))
                     rows.append({"system": f"triton spade, {n_inst} instance(s)", **r})
-                    print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps(rows[-1], allow_nan=False), flush=True)
                 if n_inst == 1:
                     rows.append(_remote_backbone(srv.grpc_url, gallery, images, args))
-                    print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps(rows[-1], allow_nan=False), flush=True)
                 write_repository(model, gallery2, repo, opts)
                 load_s = load_model(srv.http_url, "spade")
                 rows.append(
@@ -130,7 +130,7 @@ def bench_triton(
                         "server_start_s": round(start_s, 2),
                     }
                 )
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1], allow_nan=False), flush=True)
     return rows
 
 
@@ -229,7 +229,7 @@ def bench_serve(
         for c in args.clients:
             r = drive(make, call, images, c, _n(args, c))
             rows.append({"system": "spade-serve", **r})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1], allow_nan=False), flush=True)
     return rows
 
 
@@ -275,7 +275,7 @@ def bench_run(model: Path, gallery: Path, files: list[Path]) -> list[dict[str, A
         }
     )
     for r in rows:
-        print(json.dumps(r), flush=True)
+        print(json.dumps(r, allow_nan=False), flush=True)
     return rows
 
 

@@ -108,7 +108,7 @@ def inspect_file(path: str | Path, verify: bool = False) -> dict[str, Any]:
 
 def _fmt(v: Any) -> Text:
     if isinstance(v, (dict, list)):
-        return text(json.dumps(v, sort_keys=True))
+        return text(json.dumps(v, sort_keys=True, allow_nan=False))
     return text(v)
 
 

@@ -90,7 +90,7 @@ class Contract:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     def with_precision(self, precision: str, parent_fingerprint: str) -> Contract:
         return replace(self, precision=precision, parent_fingerprint=parent_fingerprint)

@@ -85,7 +85,7 @@ class WrittenVersion:
 
 def _pb_str(s: str) -> str:
     """A protobuf text-format string literal (JSON escapes are valid C escapes for it)."""
-    return json.dumps(s)
+    return json.dumps(s, allow_nan=False)
 
 
 def _instance_group(o: RepoOptions) -> str:
