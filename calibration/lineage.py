@@ -33,7 +33,10 @@ from spade_edge.runtime.contract import METADATA_CONTRACT_KEY, METADATA_FINGERPR
 from spade_edge.runtime.errors import FormatError
 from spade_edge.runtime.fileio import write_atomic
 from spade_edge.runtime.gallery import InMemoryGallery
+from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 from spade_edge.runtime.model_meta import ModelInfo, graph_fingerprint
+from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.runners.ort import OrtRunner
 
 #: Held-out normal images scored in the accuracy check (queries) and parent-model features
 #: forming the check's mini gallery (reference). Fewer than the minimum -> check not run.
@@ -108,9 +111,6 @@ def spade_scores(
     nearest-position distances among the ``k_gallery`` nearest gallery images (None: all of
     them), upsampling, level mean and blur.
     """
-    from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
-    from spade_edge.runtime.runners.base import Features
-
     g = InMemoryGallery.from_features(contract, gallery_levels, gallery_pooled)
     kg = g.n_images if k_gallery is None else min(k_gallery, g.n_images)
     m = NumpyMatcher(g, k_image=min(k_image, g.n_images), k_gallery=kg)
@@ -140,8 +140,6 @@ def accuracy_check(
     (a large jump in a 16-image mini gallery, negligible in a real one) is not mistaken for a
     precision error. Returns the measurements, the failed criteria and ``passed``.
     """
-    from spade_edge.runtime.runners.ort import OrtRunner
-
     tol = tolerances or DEFAULT_TOLERANCES[precision]
     if len(queries) < MIN_CHECK_QUERIES or len(reference) < MIN_CHECK_REFERENCE:
         return {

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.export.backbones import BackboneSpec, get_backbone
+from spade_edge.export.weights import build_with_weights
 from spade_edge.runtime.contract import (
     METADATA_CONTRACT_KEY,
     METADATA_FINGERPRINT_KEY,
@@ -108,8 +109,6 @@ def build_feature_model(
 
     Other tools use it as the torch reference for their own parity checks.
     """
-    from spade_edge.export.weights import build_with_weights
-
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     net, loaded = build_with_weights(spec, weights, cache_dir, progress, seed)
     return _feature_module(net), loaded.tag

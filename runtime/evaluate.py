@@ -25,6 +25,7 @@ from spade_edge.runtime.errors import InputError
 from spade_edge.runtime.metrics import aupro, image_auroc, pixel_auroc
 from spade_edge.runtime.packer import pack
 from spade_edge.runtime.preprocess import IMAGE_SUFFIXES, crop_geometry, load_image
+from spade_edge.runtime.thresholds import calibrate_gallery
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,6 @@ def evaluate(
         t_pack = time.perf_counter() - t0
         th_report: dict[str, Any] | None = None
         if far is not None:
-            from spade_edge.runtime.thresholds import calibrate_gallery
-
             calib_path = Path(tmp) / "calibrated.bin"
             th_report = calibrate_gallery(
                 gpath, calib_path, far=far, k_image=k_image, k_gallery=k_gallery

@@ -26,6 +26,7 @@ import numpy as np
 
 from spade_edge.runtime import __version__
 from spade_edge.runtime.errors import CalibrationError
+from spade_edge.runtime.gallery import Gallery, rewrite_gallery
 from spade_edge.runtime.matchers.base import DEFAULT_SIGMA
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 
@@ -130,8 +131,6 @@ def calibrate_gallery(
     The blobs are copied into the new file, so they are verified first (a corrupt gallery must
     never come out with fresh, valid checksums).
     """
-    from spade_edge.runtime.gallery import Gallery, rewrite_gallery
-
     with Gallery.open(gallery_path, verify=True) as g:
         th = compute_thresholds(g, far, k_image, k_gallery, sigma, progress)
         rewrite_gallery(g, out or gallery_path, thresholds=th)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.errors import InputError
+from spade_edge.runtime.fileio import write_atomic
 from spade_edge.serve.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -495,8 +496,6 @@ def export_csv(
 
     Reads the database read-only, so it can run beside a live server.
     """
-    from spade_edge.runtime.fileio import write_atomic
-
     db = Path(folder) / "archive.sqlite"
     if not db.is_file():
         raise InputError(f"{folder}: no spade-serve archive here (archive.sqlite missing)")

@@ -26,6 +26,7 @@ import numpy as np
 from spade_edge.runtime.fileio import atomic_path, file_sha256
 from spade_edge.runtime.gallery import Gallery, appended, save_gallery
 from spade_edge.runtime.scoring import DEFAULT_SIGMA
+from spade_edge.runtime.thresholds import DEFAULT_FAR, compute_thresholds
 from spade_edge.serve.archive import connect, utc_now
 from spade_edge.serve.errors import ConflictError, NotFoundError
 
@@ -223,8 +224,6 @@ def recompute_thresholds(
 ) -> dict[str, Any]:
     """Leave-one-out thresholds over the whole gallery ``g`` with the K, sigma and false-alarm
     rate of the ``previous`` thresholds (the gallery's defaults without them)."""
-    from spade_edge.runtime.thresholds import DEFAULT_FAR, compute_thresholds
-
     old = previous or {}
     k_i = int(old.get("k_image", g.default_k))
     k_g = int(old.get("k_gallery", g.default_k))

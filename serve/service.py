@@ -28,10 +28,17 @@ from spade_edge.runtime.detector import Detector, project_to_original
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.gallery import Gallery, duplicate_indices
 from spade_edge.runtime.matchers import open_matcher
-from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_bytes, preprocess
+from spade_edge.runtime.preprocess import (
+    Geometry,
+    Prepared,
+    display_rgb,
+    load_image,
+    prepare_bytes,
+    preprocess,
+)
 from spade_edge.runtime.regions import defect_regions
 from spade_edge.runtime.runners import Runner, open_runner
-from spade_edge.runtime.visualize import overlay
+from spade_edge.runtime.visualize import overlay, save_png
 from spade_edge.serve.archive import Archive, Pending, utc_now
 from spade_edge.serve.config import ACCEPTED_FORMATS, ServeConfig
 from spade_edge.serve.errors import (
@@ -352,9 +359,6 @@ class InspectionService:
         img, _ = self.image_file(rid)
         if row["map_file"] is None:
             raise NotFoundError(f"result {rid}: anomaly map not kept")
-        from spade_edge.runtime.preprocess import display_rgb, load_image
-        from spade_edge.runtime.visualize import save_png
-
         amap = np.load(self.archive.folder / row["map_file"], allow_pickle=False)
         geo = Geometry(**json.loads(row["geometry"]))
         rgb = display_rgb(load_image(img), geo, str(img))  # bounded: geo.display_size

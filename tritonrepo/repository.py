@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import spade_edge.runtime as rt
 from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.detector import Detector
+from spade_edge.runtime.engine_file import read_engine_file
 from spade_edge.runtime.errors import CompatibilityError, InputError
 from spade_edge.runtime.fileio import utc_timestamp, write_atomic
-from spade_edge.runtime.runners import auto_backend
+from spade_edge.runtime.runners import RUNNERS, auto_backend
 
 MODEL = "spade"
 BACKBONE = "spade_backbone"
@@ -65,12 +68,9 @@ class RepoOptions:
             raise InputError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
         if self.gpus and self.kind != "gpu":
             raise InputError("--gpus needs --kind gpu")
-        if self.backend is not None:
-            from spade_edge.runtime.runners import RUNNERS
-
-            if self.backend not in RUNNERS or self.backend == "triton":
-                usable = ", ".join(b for b in RUNNERS if b != "triton")
-                raise InputError(f"--backend {self.backend!r}: choose one of {usable}")
+        if self.backend is not None and (self.backend not in RUNNERS or self.backend == "triton"):
+            usable = ", ".join(b for b in RUNNERS if b != "triton")
+            raise InputError(f"--backend {self.backend!r}: choose one of {usable}")
         if self.version is not None and self.version < 1:
             raise InputError(f"--version must be >= 1, got {self.version}")
 
@@ -169,8 +169,6 @@ def bundle_site(dest: Path) -> list[str]:
     Why: Triton's stub imports spade_edge from the version folder, so a version always runs
     the code it was written and tested with, whatever is installed in the stub's Python.
     """
-    import spade_edge.runtime as rt
-
     src = Path(rt.__file__).resolve().parent
     shutil.copytree(
         src, dest / "spade_edge" / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -199,8 +197,6 @@ def _sides(model: Path, o: RepoOptions) -> tuple[dict[str, str], dict[str, str]]
 
 def _check_pair(model: Path, gallery: Path, o: RepoOptions) -> tuple[Contract, str, dict[str, Any]]:
     """Open model + gallery as the server will (ORT), so a mismatch fails here, not at load."""
-    from spade_edge.runtime.detector import Detector
-
     with Detector.load(
         model, gallery, backend="ort", k_image=o.k_image, k_gallery=o.k_gallery
     ) as det:
@@ -333,8 +329,6 @@ def _write_version(
 def _check_engine(engine: Path, fingerprint: str) -> None:
     """The engine must come from this ONNX model or a precision derived from it (fp16/int8);
     whether the gallery may be reused with a derived engine is decided at load (check_pair)."""
-    from spade_edge.runtime.engine_file import read_engine_file
-
     ef = read_engine_file(engine)
     if fingerprint not in (ef.fingerprint, ef.parent_fingerprint):
         raise CompatibilityError(
