@@ -235,7 +235,7 @@ def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 page.goto(url + "/")
                 page.wait_for_selector("body[data-ready='1']", timeout=20_000)
                 page.wait_for_function(
-                    "performance.getEntriesByType('navigation')[0].loadEventEnd > 0"
+                    "() => performance.getEntriesByType('navigation')[0].loadEventEnd > 0"
                 )
                 loads.append(
                     page.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd")
@@ -263,7 +263,7 @@ def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
                 t_answer = time.time() * 1000
                 rid = str(r.json()["id"])
-                page.wait_for_function(f"window.__cards['{rid}'] !== undefined", timeout=5000)
+                page.wait_for_function(f"() => window.__cards['{rid}'] !== undefined", timeout=5000)
                 e2c.append(page.evaluate(f"window.__cards['{rid}']") - t_answer)
                 time.sleep(0.05)
             if args.screenshot is not None:  # demo parts only: safe to publish

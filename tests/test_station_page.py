@@ -123,7 +123,7 @@ def test_mark_as_good_wrong_token_then_right_token(server: str, browser: Any) ->
         page.locator(f".card[data-id='{r['id']}'] .card-btn").press("Enter")  # keyboard
         page.wait_for_selector("#review[open]")
         assert "suspect-7" in page.locator("#rv-title").inner_text()
-        page.wait_for_function("document.getElementById('rv-orig').naturalWidth > 0")
+        page.wait_for_function("() => document.getElementById('rv-orig').naturalWidth > 0")
         assert page.locator("#rv-svg rect").count() == len(r["regions"])
         page.click("#mark-good")  # no token yet: asks for it
         page.wait_for_selector("#token-row:not([hidden])")
@@ -141,13 +141,13 @@ def test_mark_as_good_wrong_token_then_right_token(server: str, browser: Any) ->
         assert after == before + 1
         assert f"v{after}" in page.locator("#good-msg").inner_text()
         page.wait_for_function(
-            f"document.getElementById('c-gallery').textContent.startsWith('v{after}')"
+            f"() => document.getElementById('c-gallery').textContent.startsWith('v{after}')"
         )
         # kept for this session only: in sessionStorage, not localStorage
         assert page.evaluate("sessionStorage.getItem('spade-edge-token')") == TOKEN
         assert page.evaluate("localStorage.length") == 0
         page.keyboard.press("Escape")
-        page.wait_for_function("!document.getElementById('review').open")
+        page.wait_for_function("() => !document.getElementById('review').open")
         # Chromium logs every non-2xx response itself; the 401 we provoked is the only one.
         assert [e for e in p.errors if "status of 401" not in e] == []
         assert len(p.errors) == 1
@@ -182,7 +182,7 @@ def test_rollback_from_gallery_panel_and_screenshots(server: str, browser: Any) 
         page.screenshot(path=str(SHOTS / "station-desktop.png"))
         page.locator(".card .card-btn").first.click()
         page.wait_for_selector("#review[open]")
-        page.wait_for_function("document.getElementById('rv-orig').naturalWidth > 0")
+        page.wait_for_function("() => document.getElementById('rv-orig').naturalWidth > 0")
         page.screenshot(path=str(SHOTS / "station-review-desktop.png"))
         assert p.errors == []
     finally:
