@@ -1,23 +1,23 @@
-"""Shared CLI plumbing: options and their validators, output checks, safe printing, exit codes.
+"""Shared CLI plumbing: command registration, output checks, safe printing, exit codes.
 
 Library code raises typed errors (runtime/errors.py); only this module turns them into one line
 on stderr and an exit code (docs/architecture.md lists the codes). Usage errors (unknown option,
-bad value, missing argument) are typer's own: its usage message and exit 2. Everything printed
-through rich that may hold user data (file names, messages quoting them) goes through ``error``,
-``warn`` or ``text``, which never read it as markup.
+bad value, missing argument) are typer's own: its usage message and exit 2; the options several
+commands share are declared in ``options.py``. Everything printed through rich that may hold
+user data (file names, messages quoting them) goes through ``error``, ``warn`` or ``text``,
+which never read it as markup.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -61,95 +61,6 @@ def json_text(obj: Any, indent: int | None = None) -> str:
         return json.dumps(obj, indent=indent, allow_nan=False)
     except ValueError as e:
         raise SpadeError(f"refusing to write a non-finite number as JSON ({e})") from None
-
-
-# ------------------------------------------------------------------------------ validators
-
-
-def _finite(
-    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
-) -> Callable[[float | None], float | None]:
-    """A typer callback: the float must be finite and within the given bounds."""
-
-    def check(value: float | None) -> float | None:
-        if value is None:
-            return value
-        ok = math.isfinite(value)
-        ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
-        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
-        if not ok:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            if hi is not None:
-                rng = f" in {left}{lo:g}, {hi:g}{right}"
-            else:
-                rng = f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
-            raise typer.BadParameter(f"{value!r} is not a finite number{rng}")
-        return value
-
-    return check
-
-
-#: a false-alarm rate where 0 means "no thresholds" (spade pack, spade eval)
-check_far = _finite(0.0, 1.0, hi_open=True)
-#: a false-alarm rate thresholds are computed at (spade threshold)
-check_far_positive = _finite(0.0, 1.0, lo_open=True, hi_open=True)
-#: a score threshold: finite and >= 0 (a NaN threshold would pass every part)
-check_threshold = _finite(0.0)
-
-KOpt = Annotated[
-    int | None, typer.Option("--k", min=1, help="Sets both --k-image and --k-gallery.")
-]
-KImageOpt = Annotated[
-    int | None,
-    typer.Option("--k-image", min=1, help="Nearest normal images averaged for the score."),
-]
-KGalleryOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--k-gallery", min=1, help="Nearest normal images whose positions form the pixel gallery."
-    ),
-]
-BackendOpt = Annotated[
-    str,
-    typer.Option(
-        "--backend",
-        help="Runner: auto (engine file -> trt, else ort), ort, ort-gpu, trt, openvino, "
-        "openvino-bf16, openvino-int8 (extra [openvino]).",
-    ),
-]
-MatcherOpt = Annotated[
-    str,
-    typer.Option(
-        "--matcher",
-        help="kNN backend: numpy (CPU, the oracle), exact-int8 / exact-bf16 (CPU matrix units, "
-        "exact re-rank), auto (fastest exact one this CPU has), cuda.",
-    ),
-]
-
-
-def batch_size_opt(default_help: str) -> Any:
-    """``--batch-size N`` (N >= 1)."""
-    return typer.Option("--batch-size", min=1, help=default_help)
-
-
-def far_opt(help_text: str, allow_zero: bool = True) -> Any:
-    """``--far RATE``: a finite false-alarm rate in [0, 1) (0 = no thresholds), or (0, 1)."""
-    return typer.Option(
-        "--far", callback=check_far if allow_zero else check_far_positive, help=help_text
-    )
-
-
-def threshold_opt(flag: str, help_text: str) -> Any:
-    """A score threshold option (``check_threshold``)."""
-    return typer.Option(flag, callback=check_threshold, help=help_text)
-
-
-def resolve_k(
-    k: int | None, k_image: int | None, k_gallery: int | None
-) -> tuple[int | None, int | None]:
-    """``--k`` sets both; ``--k-image`` / ``--k-gallery`` override each (None = gallery default)."""
-    return (k_image if k_image is not None else k), (k_gallery if k_gallery is not None else k)
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -231,6 +142,30 @@ def _lossless_streams() -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="surrogateescape")
+
+
+def new_app(help: str | None = None, *, no_args_is_help: bool = False) -> typer.Typer:
+    """The typer app of one ``spade-NAME`` command (no shell-completion install, rich help)."""
+    return typer.Typer(
+        add_completion=False,
+        no_args_is_help=no_args_is_help,
+        rich_markup_mode="rich",
+        help=help,
+    )
+
+
+def command(app: typer.Typer, name: str | None = None) -> Callable[[F], F]:
+    """Register a function as ``app``'s command, wrapped in ``handle_errors``.
+
+    Returns the wrapped function: the ``spade`` app registers that same object.
+    """
+
+    def register(fn: F) -> F:
+        wrapped = handle_errors(fn)
+        app.command(name)(wrapped)
+        return wrapped
+
+    return register
 
 
 def make_main(app: typer.Typer) -> Callable[[], Any]:

@@ -14,13 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spade_edge.cli._common import (
-    atomic_write_text,
-    check_output_file,
-    handle_errors,
-    json_text,
-    make_main,
-)
+from spade_edge.cli import _common as common
 from spade_edge.export.demo import make_part
 from spade_edge.export.onnx_export import export_onnx
 from spade_edge.export.torch_reference import COMPARE_CONFIGS, compare_torch
@@ -29,7 +23,7 @@ from spade_edge.runtime.bench import bench_cpu, matrix_peaks
 from spade_edge.runtime.errors import BackendUnavailableError, InputError
 from spade_edge.runtime.matchers import cuda_bench
 
-app = typer.Typer(add_completion=False)
+app = common.new_app()
 
 
 class CudaShapes(str, Enum):
@@ -59,8 +53,7 @@ def _synthetic_image(folder: Path) -> Path:
     return p
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def bench(
     model: Annotated[
         list[Path] | None,
@@ -123,7 +116,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Median stage latencies, end to end, peak RSS; floor = backbone + FLOPs / fastest unit."""
-    check_output_file(json_out, "--json")
+    common.check_output_file(json_out, "--json")
     ks = tuple(k or (5, 50))
     con = Console(width=max(120, Console().width))
     selection = select().to_dict()
@@ -188,7 +181,7 @@ def bench(
         con.print(t)
     if json_out:
         report = {"auto_selection": selection, "rows": rows}
-        atomic_write_text(json_out, json_text(report, indent=2) + "\n")
+        common.atomic_write_text(json_out, common.json_text(report, indent=2) + "\n")
 
 
 def _compare(
@@ -247,7 +240,7 @@ def _fmt(v: object) -> str:
     return "" if v is None else str(v)
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

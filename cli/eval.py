@@ -8,52 +8,36 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from spade_edge.cli._common import (
-    BackendOpt,
-    KGalleryOpt,
-    KImageOpt,
-    KOpt,
-    MatcherOpt,
-    atomic_write_text,
-    batch_size_opt,
-    check_output_file,
-    far_opt,
-    handle_errors,
-    json_text,
-    make_main,
-    out_console,
-    resolve_k,
-    text,
-)
+from spade_edge.cli import _common as common
+from spade_edge.cli import options as opt
 from spade_edge.runtime.evaluate import evaluate
 
-app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+app = common.new_app()
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def evaluate_cmd(
-    model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
+    model: opt.Model,
     data_dir: Annotated[
         Path, typer.Argument(help="Category folder: train/good, test/*, ground_truth/*.")
     ],
     gallery: Annotated[
         Path | None, typer.Option(help="Use this gallery instead of packing train/good.")
     ] = None,
-    k: KOpt = None,
-    k_image: KImageOpt = None,
-    k_gallery: KGalleryOpt = None,
-    backend: BackendOpt = "auto",
-    matcher: MatcherOpt = "numpy",
-    batch_size: Annotated[int, batch_size_opt("Images per inference batch.")] = 8,
+    k: opt.K = None,
+    k_image: opt.KImage = None,
+    k_gallery: opt.KGallery = None,
+    backend: opt.Backend = "auto",
+    matcher: opt.Matcher = "numpy",
+    batch_size: Annotated[int, opt.batch_size("Images per inference batch.")] = 8,
     far: Annotated[
-        float, far_opt("False-alarm rate for thresholds from train/good (0 = skip).")
+        float, opt.far("False-alarm rate for thresholds from train/good (0 = skip).")
     ] = 0.01,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Reproduce the SPADE protocol's numbers on real data."""
-    check_output_file(json_out, "--json")
-    ki, kg = resolve_k(k, k_image, k_gallery)
+    common.check_output_file(json_out, "--json")
+    ki, kg = opt.resolve_k(k, k_image, k_gallery)
     report = evaluate(
         model,
         data_dir,
@@ -66,7 +50,7 @@ def evaluate_cmd(
         far=far or None,
     )
     t = Table(
-        title=text(
+        title=common.text(
             f"SPADE on {data_dir} (K image {report['k_image']}, gallery {report['k_gallery']})"
         )
     )
@@ -83,12 +67,12 @@ def evaluate_cmd(
         if key in report:
             t.add_row(key, f"{report[key]:.4f}")
     t.add_row("ms per test image", f"{report['seconds']['per_test_image_ms']:.1f}")
-    out_console.print(t)
+    common.out_console.print(t)
     if json_out is not None:
-        atomic_write_text(json_out, json_text(report, indent=2) + "\n")
+        common.atomic_write_text(json_out, common.json_text(report, indent=2) + "\n")
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

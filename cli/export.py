@@ -16,15 +16,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from spade_edge.cli._common import check_output_file, handle_errors, make_main, text
+from spade_edge.cli import _common as common
 from spade_edge.export.backbones import BACKBONES
 from spade_edge.export.onnx_export import ExportReport
 from spade_edge.export.pipeline import Step, outputs, plan_export, run_export
 
-app = typer.Typer(
-    add_completion=False,
+app = common.new_app(
+    "Export an ImageNet backbone to a spade-edge ONNX model (and optionally an engine).",
     no_args_is_help=True,
-    help="Export an ImageNet backbone to a spade-edge ONNX model (and optionally an engine).",
 )
 console = Console(highlight=False)
 
@@ -52,11 +51,11 @@ def _mb(n: int) -> str:
 
 def _print_report(report: ExportReport) -> None:
     c = report.contract
-    t = Table(title=text(f"exported {c.backbone}"), show_header=False, title_justify="left")
+    t = Table(title=common.text(f"exported {c.backbone}"), show_header=False, title_justify="left")
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")  # long paths are shown in full
-    t.add_row("output", text(report.path))
-    t.add_row("weights", text(c.weights))
+    t.add_row("output", common.text(report.path))
+    t.add_row("weights", common.text(c.weights))
     t.add_row("image size", f"{c.image_size} (resize {c.resize}, centre crop)")
     levels = ", ".join(f"{lv.name} {lv.height}x{lv.width}x{lv.channels}" for lv in c.levels)
     t.add_row("levels (NHWC)", f"{levels}; pooled {c.pooled_dim}")
@@ -72,7 +71,7 @@ def _print_report(report: ExportReport) -> None:
         p.add_column("max abs", justify="right")
         p.add_column("max rel", justify="right")
         for name, (a, r) in report.parity.items():
-            p.add_row(text(name), f"{a:.2e}", f"{r:.2e}")
+            p.add_row(common.text(name), f"{a:.2e}", f"{r:.2e}")
         console.print(p)
 
 
@@ -82,10 +81,10 @@ def _print_step(step: Step) -> None:
     elif step.kind == "engine":
         extra = f", raw plan {step.raw_plan}" if step.raw_plan else ""
         size = _mb(step.path.stat().st_size)
-        console.print(text(f"engine: {step.path} ({size}, {step.seconds:.1f} s{extra})"))
+        console.print(common.text(f"engine: {step.path} ({size}, {step.seconds:.1f} s{extra})"))
     else:
         size = _mb(step.path.stat().st_size)
-        console.print(text(f"{step.kind} model: {step.path} ({size}, {step.seconds:.1f} s)"))
+        console.print(common.text(f"{step.kind} model: {step.path} ({size}, {step.seconds:.1f} s)"))
 
 
 def _list_backbones() -> None:
@@ -95,12 +94,11 @@ def _list_backbones() -> None:
     for s in BACKBONES.values():
         lv = ", ".join(f"{n} ({st})" for n, st in zip(s.level_names, s.strides, strict=True))
         src = s.weights.url or f"pip package {s.weights.pip_name}"
-        t.add_row(s.name, ", ".join(s.aliases), lv, str(s.pooled_dim), text(src))
+        t.add_row(s.name, ", ".join(s.aliases), lv, str(s.pooled_dim), common.text(src))
     console.print(t)
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def export(
     backbone: Annotated[
         str | None, typer.Option("--backbone", "-b", help="Backbone name (see --list).")
@@ -190,11 +188,11 @@ def export(
         seed=seed,
     )
     for role, path in outputs(plan).items():
-        check_output_file(path, role, make_parents=True)  # the export creates folders
-    run_export(plan, on_step=_print_step, status=lambda msg: console.status(text(msg)))
+        common.check_output_file(path, role, make_parents=True)  # the export creates folders
+    run_export(plan, on_step=_print_step, status=lambda msg: console.status(common.text(msg)))
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from spade_edge.cli._common import handle_errors, json_text, make_main, out_console, text
+from spade_edge.cli import _common as common
 from spade_edge.runtime import engine_file
 from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
@@ -108,13 +108,15 @@ def inspect_file(path: str | Path, verify: bool = False) -> dict[str, Any]:
 
 def _fmt(v: Any) -> Text:
     if isinstance(v, (dict, list)):
-        return text(json.dumps(v, sort_keys=True, allow_nan=False))
-    return text(v)
+        return common.text(json.dumps(v, sort_keys=True, allow_nan=False))
+    return common.text(v)
 
 
 def render(info: dict[str, Any], console: Console) -> None:
     """Human view: key/value table, then the blob table when there is one."""
-    t = Table(title=text(f"{info.get('kind', '?')}: {info.get('path', '')}"), show_header=False)
+    t = Table(
+        title=common.text(f"{info.get('kind', '?')}: {info.get('path', '')}"), show_header=False
+    )
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     for k, v in info.items():
@@ -139,12 +141,12 @@ def render(info: dict[str, Any], console: Console) -> None:
             )
         elif k.endswith("_bytes") and isinstance(v, int):
             v = f"{v:,} B ({v / 1e6:.3f} MB)"
-        t.add_row(text(k), _fmt(v))
+        t.add_row(common.text(k), _fmt(v))
     if "contract" in info:
         c = info["contract"]
         t.add_row(
             "preprocessing",
-            text(
+            common.text(
                 f"{c.get('color')} resize {c.get('resize')} ({c.get('resize_interpolation')}, "
                 f"antialias={c.get('antialias')}) → centre-crop {c.get('image_size')}, "
                 f"mean {c.get('mean')} std {c.get('std')}"
@@ -158,20 +160,21 @@ def render(info: dict[str, Any], console: Console) -> None:
             bt.add_column(col, justify="right" if col == "bytes" else "left")
         for name, b in blobs.items():
             bt.add_row(
-                text(name), text(b["dtype"]), "x".join(map(str, b["shape"])), f"{b['nbytes']:,}"
+                common.text(name),
+                common.text(b["dtype"]),
+                "x".join(map(str, b["shape"])),
+                f"{b['nbytes']:,}",
             )
         console.print(bt)
 
 
-app = typer.Typer(
-    add_completion=False,
+app = common.new_app(
+    "Show the header of a spade-edge artifact: ONNX model, gallery or engine file.",
     no_args_is_help=True,
-    help="Show the header of a spade-edge artifact: ONNX model, gallery or engine file.",
 )
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def inspect_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Model, gallery or engine file.")],
     verify: Annotated[
@@ -182,12 +185,12 @@ def inspect_command(
     """Print what FILE is and what it holds (headers only unless --verify)."""
     info = inspect_file(file, verify)
     if as_json:
-        typer.echo(json_text(info, indent=2))
+        typer.echo(common.json_text(info, indent=2))
     else:
-        render(info, out_console)
+        render(info, common.out_console)
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

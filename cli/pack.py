@@ -9,28 +9,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from spade_edge.cli._common import (
-    batch_size_opt,
-    check_output_file,
-    far_opt,
-    handle_errors,
-    make_main,
-    out_console,
-    text,
-    warn,
-)
+from spade_edge.cli import _common as common
+from spade_edge.cli import options as opt
 from spade_edge.runtime.fileio import display_name
 from spade_edge.runtime.packer import pack
 
-app = typer.Typer(
-    add_completion=False,
+app = common.new_app(
+    "Pack the features of normal (defect-free) images into a spade-edge gallery file.",
     no_args_is_help=True,
-    help="Pack the features of normal (defect-free) images into a spade-edge gallery file.",
 )
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def pack_command(
     model: Annotated[
         Path,
@@ -43,7 +33,7 @@ def pack_command(
         ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Gallery file to write.")],
-    batch_size: Annotated[int, batch_size_opt("Images per inference batch.")] = 8,
+    batch_size: Annotated[int, opt.batch_size("Images per inference batch.")] = 8,
     backend: Annotated[str, typer.Option("--backend", help="auto | ort | ort-gpu | trt")] = "auto",
     add_to: Annotated[
         Path | None,
@@ -64,7 +54,7 @@ def pack_command(
     ] = True,
     far: Annotated[
         float | None,
-        far_opt(
+        opt.far(
             "Store thresholds at this false-alarm rate on the normal images "
             "(leave-one-out, needs >= 10 images; 0 = none; default 0.01, or the base "
             "gallery's settings with --add-to). Computed before the gallery is written."
@@ -72,7 +62,7 @@ def pack_command(
     ] = None,
 ) -> None:
     """Run MODEL over NORMAL_IMAGES and write their fp16 features to a gallery."""
-    check_output_file(output, "-o")
+    common.check_output_file(output, "-o")
     # the CLI prints the skips itself; keep the library's log records from printing twice
     logging.getLogger("spade_edge.runtime.packer").addHandler(logging.NullHandler())
     r = pack(
@@ -89,10 +79,10 @@ def pack_command(
         far=far,
     )
     for _name, why in r.skipped_bad:
-        warn(f"skipped {display_name(why)}")  # the reason names the file
+        common.warn(f"skipped {display_name(why)}")  # the reason names the file
     for name, other in r.skipped_duplicates:
-        warn(f"skipped {display_name(name)}: same content as {display_name(other)}")
-    t = Table(title=text(f"gallery written: {display_name(str(r.path))}"), show_header=False)
+        common.warn(f"skipped {display_name(name)}: same content as {display_name(other)}")
+    t = Table(title=common.text(f"gallery written: {display_name(str(r.path))}"), show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     t.add_row("images in gallery", str(r.n_images))
@@ -113,11 +103,11 @@ def pack_command(
             f"{th['far']:g}, K={th['k_image']}, leave-one-out on {th['n_normal']} images)",
         )
     elif r.thresholds_note:
-        warn(f"{display_name(str(output))}: {r.thresholds_note}")
-    out_console.print(t)
+        common.warn(f"{display_name(str(output))}: {r.thresholds_note}")
+    common.out_console.print(t)
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

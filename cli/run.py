@@ -9,23 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from spade_edge.cli._common import (
-    BackendOpt,
-    KGalleryOpt,
-    KImageOpt,
-    KOpt,
-    MatcherOpt,
-    atomic_write_text,
-    batch_size_opt,
-    check_output_dir,
-    check_output_file,
-    error,
-    handle_errors,
-    make_main,
-    resolve_k,
-    threshold_opt,
-    warn,
-)
+from spade_edge.cli import _common as common
+from spade_edge.cli import options as opt
 from spade_edge.runtime.detector import Detector
 from spade_edge.runtime.errors import InputError, SpadeError
 from spade_edge.runtime.preprocess import list_images
@@ -33,7 +18,7 @@ from spade_edge.runtime.progress import counting
 from spade_edge.runtime.records import csv_text, dumps_record, path_fields
 from spade_edge.runtime.visualize import save_maps
 
-app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+app = common.new_app()
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -44,8 +29,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def run(
     model: Annotated[
         Path,
@@ -54,18 +38,18 @@ def run(
             "on the server (spade_backbone)."
         ),
     ],
-    gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
+    gallery: opt.Gallery,
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
-    k: KOpt = None,
-    k_image: KImageOpt = None,
-    k_gallery: KGalleryOpt = None,
+    k: opt.K = None,
+    k_image: opt.KImage = None,
+    k_gallery: opt.KGallery = None,
     threshold: Annotated[
         float | None,
-        threshold_opt("--threshold", "Image-score threshold (overrides the gallery's)."),
+        opt.threshold("--threshold", "Image-score threshold (overrides the gallery's)."),
     ] = None,
     pixel_threshold: Annotated[
         float | None,
-        threshold_opt("--pixel-threshold", "Pixel threshold for masks (overrides the gallery's)."),
+        opt.threshold("--pixel-threshold", "Pixel threshold for masks (overrides the gallery's)."),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write JSON lines here instead of stdout.")
@@ -74,9 +58,9 @@ def run(
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for overlay and mask PNGs per image.")
     ] = None,
-    backend: BackendOpt = "auto",
-    matcher: MatcherOpt = "numpy",
-    batch_size: Annotated[int, batch_size_opt("Images per inference call.")] = 1,
+    backend: opt.Backend = "auto",
+    matcher: opt.Matcher = "numpy",
+    batch_size: Annotated[int, opt.batch_size("Images per inference call.")] = 1,
     verify: Annotated[
         bool,
         typer.Option(
@@ -99,13 +83,13 @@ def run(
     and the others are still scored; the exit code is then that of the first failure
     (2 for an unreadable image). Reports are written once, at the end, atomically.
     """
-    check_output_file(json_out, "--json")
-    check_output_file(csv_out, "--csv")
+    common.check_output_file(json_out, "--json")
+    common.check_output_file(csv_out, "--csv")
     # the CLI prints the Detector's warnings itself; keep its log records from printing twice
     logging.getLogger("spade_edge.runtime.detector").addHandler(logging.NullHandler())
     paths = list_images(images)
-    check_output_dir(out, "--out")
-    ki, kg = resolve_k(k, k_image, k_gallery)
+    common.check_output_dir(out, "--out")
+    ki, kg = opt.resolve_k(k, k_image, k_gallery)
     runner_options = None
     if triton is not None:
         if backend not in ("auto", "triton"):
@@ -124,14 +108,14 @@ def run(
         runner_options=runner_options,
     )
     if det.thresholds_stale:
-        warn(
+        common.warn(
             f"{gallery}: stored thresholds were calibrated for other K values; "
             "no verdicts (recalibrate with spade-threshold or pass --threshold)"
         )
     elif det.threshold is None:
-        warn(f"{gallery}: no thresholds stored; scores only (pass --threshold or calibrate)")
+        common.warn(f"{gallery}: no thresholds stored; scores only (pass --threshold or calibrate)")
     elif det.thresholds_warning and threshold is None:
-        warn(f"{gallery}: {det.thresholds_warning}")
+        common.warn(f"{gallery}: {det.thresholds_warning}")
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     failed: list[SpadeError] = []
@@ -141,7 +125,7 @@ def run(
             if isinstance(res, SpadeError):
                 failed.append(res)
                 rec: dict[str, Any] = {**path_fields(path), "error": str(res)}
-                error(str(res))
+                common.error(str(res))
             else:
                 rec = res.to_record()
                 if out is not None:
@@ -154,15 +138,15 @@ def run(
             records.append(rec)
             advance(1)
     if json_out is not None and sink is not None:
-        atomic_write_text(json_out, sink.getvalue())
+        common.atomic_write_text(json_out, sink.getvalue())
     if csv_out is not None:
-        atomic_write_text(csv_out, csv_text(records))
+        common.atomic_write_text(csv_out, csv_text(records))
     if failed:
-        error(f"{len(failed)} of {len(paths)} images failed")
+        common.error(f"{len(failed)} of {len(paths)} images failed")
         raise typer.Exit(failed[0].exit_code)
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

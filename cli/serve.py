@@ -18,17 +18,13 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.cli._common import (
-    BackendOpt,
-    MatcherOpt,
-    check_output_file,
-    handle_errors,
-    make_main,
-)
+from spade_edge.cli import _common as common
+from spade_edge.cli import options as opt
 from spade_edge.runtime.errors import BackendUnavailableError, InputError
+from spade_edge.station.app import Station
 
-app = typer.Typer(add_completion=False, rich_markup_mode="rich")
-export_app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+app = common.new_app()
+export_app = common.new_app()
 
 
 def _need_extra() -> None:
@@ -60,17 +56,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def serve(
-    model: Annotated[Path, typer.Argument(help="Exported ONNX model or TensorRT engine file.")],
+    model: opt.Model,
     gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack (version 1).")],
     host: Annotated[str, typer.Option(help="Address to bind; non-loopback needs a token.")] = (
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
-    backend: BackendOpt = "auto",
-    matcher: MatcherOpt = "numpy",
+    backend: opt.Backend = "auto",
+    matcher: opt.Matcher = "numpy",
     k: Annotated[int | None, typer.Option("--k", help="K (default: the gallery's).")] = None,
     archive: Annotated[
         Path, typer.Option(help="Folder of the result archive and gallery versions.")
@@ -117,11 +112,13 @@ def serve(
 ) -> None:
     """Serve verdicts over HTTP: API v1, result archive, live gallery updates, metrics."""
     _need_extra()
-    # the [serve] extra (fastapi, uvicorn) loads only for this command, never for `spade --help`
+    # the [serve] extra (fastapi, uvicorn) loads only for this command, never for `spade --help`;
+    # spade_edge.serve and the station's routes are built on FastAPI
     import uvicorn
 
     from spade_edge.serve import InspectionService, ServeConfig, create_app
     from spade_edge.serve.config import read_token
+    from spade_edge.station.routes import station_router
 
     cfg = ServeConfig(
         model=model,
@@ -144,8 +141,6 @@ def serve(
         insecure=insecure,
         verify=verify,
     ).validate()
-    from spade_edge.station.app import Station  # with the [serve] extra, as above
-
     # specs are parsed here: a bad --source/--sink is one line before anything loads
     st = Station(source or (), sink or (), station=station, fps=fps)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
@@ -160,7 +155,10 @@ def serve(
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(
-                service=svc, extra_routers=st.routers(), on_start=[st.start], on_stop=[st.stop]
+                service=svc,
+                extra_routers=[station_router(st)],
+                on_start=[st.start],
+                on_stop=[st.stop],
             ),
             log_level=log_level,
             # beyond the service's own queue, uvicorn answers 503 itself: bounded memory
@@ -179,15 +177,14 @@ def serve(
         raise typer.Exit(1)
 
 
-@export_app.command("export-results")
-@handle_errors
+@common.command(export_app, "export-results")
 def export_results(
     archive: Annotated[Path, typer.Argument(help="spade-serve archive folder.")],
     csv_out: Annotated[Path, typer.Option("--csv", help="CSV file to write.")],
     since_id: Annotated[int, typer.Option(min=0, help="Only results with a larger id.")] = 0,
 ) -> None:
     """Write archived results as CSV (for MES); safe beside a running server."""
-    check_output_file(csv_out, "--csv")
+    common.check_output_file(csv_out, "--csv")
     from spade_edge.serve.archive import export_csv  # spade_edge.serve needs the [serve] extra
 
     n = export_csv(archive, csv_out, since_id=since_id)
@@ -198,9 +195,9 @@ def main() -> None:
     """`spade-serve MODEL GALLERY ...` or `spade-serve export-results DIR --csv F`."""
     if len(sys.argv) > 1 and sys.argv[1] == "export-results":
         del sys.argv[1]
-        make_main(export_app)()
+        common.make_main(export_app)()
     else:
-        make_main(app)()
+        common.make_main(app)()
 
 
 if __name__ == "__main__":

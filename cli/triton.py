@@ -8,21 +8,13 @@ from typing import Annotated
 
 import typer
 
-from spade_edge.cli._common import (
-    KGalleryOpt,
-    KImageOpt,
-    KOpt,
-    check_output_dir,
-    handle_errors,
-    json_text,
-    make_main,
-    resolve_k,
-)
+from spade_edge.cli import _common as common
+from spade_edge.cli import options as opt
 from spade_edge.runtime.errors import InputError
 from spade_edge.triton.repository import RepoOptions, write_repository
 from spade_edge.triton.server import load_model
 
-app = typer.Typer(add_completion=False, rich_markup_mode="rich")
+app = common.new_app()
 
 
 def parse_gpus(text: str | None) -> tuple[int, ...]:
@@ -38,11 +30,10 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
     return gpus
 
 
-@app.command()
-@handle_errors
+@common.command(app)
 def triton(
     model: Annotated[Path, typer.Argument(help="Exported ONNX model (spade-export).")],
-    gallery: Annotated[Path, typer.Argument(help="Gallery file from spade-pack.")],
+    gallery: opt.Gallery,
     out: Annotated[Path, typer.Option("-o", "--out", help="Model repository folder.")],
     instances: Annotated[int, typer.Option(min=1, help="Model instances (per GPU).")] = 1,
     kind: Annotated[
@@ -65,9 +56,9 @@ def triton(
     max_queue_delay_us: Annotated[
         int, typer.Option(min=0, help="dynamic_batching max_queue_delay_microseconds.")
     ] = 2000,
-    k: KOpt = None,
-    k_image: KImageOpt = None,
-    k_gallery: KGalleryOpt = None,
+    k: opt.K = None,
+    k_image: opt.KImage = None,
+    k_gallery: opt.KGallery = None,
     version: Annotated[
         int | None, typer.Option(min=1, help="Version number (default: the next one).")
     ] = None,
@@ -83,8 +74,8 @@ def triton(
     ] = None,
 ) -> None:
     """Write MODEL + GALLERY as the next version of model `spade` in a Triton repository."""
-    check_output_dir(out, "--out")
-    ki, kg = resolve_k(k, k_image, k_gallery)
+    common.check_output_dir(out, "--out")
+    ki, kg = opt.resolve_k(k, k_image, k_gallery)
     opts = RepoOptions(
         instances=instances,
         kind=kind,
@@ -114,10 +105,10 @@ def triton(
         if wv.backbone_version is not None:
             load_model(load, "spade_backbone")
         rec["load_seconds"] = round(load_model(load, "spade"), 3)
-    typer.echo(json_text(rec))
+    typer.echo(common.json_text(rec))
 
 
-main = make_main(app)
+main = common.make_main(app)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,12 @@
 """The station inside spade-serve: page routes, ``/v1/events``, and the sources/sinks life cycle.
 
     st = Station(sources=["watch:/data/in"], sinks=["mqtt://127.0.0.1:1883/line1"], station="s1")
-    app = create_app(config, extra_routers=st.routers(), on_start=[st.start], on_stop=[st.stop])
+    app = create_app(
+        config, extra_routers=[station_router(st)], on_start=[st.start], on_stop=[st.stop]
+    )
+
+``station_router`` (``spade_edge.station.routes``) holds the HTTP side and imports FastAPI; this
+module does not, so building a ``Station`` (and checking its specs) needs no web framework.
 
 Specs are parsed when the ``Station`` is built, so a bad ``--source``/``--sink`` fails before
 the model loads, with one line naming the spec. Sinks start before sources (no verdict is fed
@@ -46,13 +51,6 @@ class Station:
         self._unsubscribe: list[Any] = []
         self._started_sinks: list[BufferedSink] = []
         self._restore_signals: list[tuple[int, Any]] = []
-
-    # -- HTTP ------------------------------------------------------------------------------------
-    def routers(self) -> list[Any]:
-        """FastAPI routers: ``/``, ``/static/NAME``, ``/v1/events``, ``/v1/station``."""
-        from spade_edge.station.routes import station_router
-
-        return [station_router(self)]
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/station`` answers."""

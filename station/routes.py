@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-if TYPE_CHECKING:
-    from spade_edge.station.app import Station
+from spade_edge.station.app import Station
 
 STATIC = Path(__file__).resolve().parent / "static"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(?:js|css|svg|png|ico)$")
@@ -35,7 +33,8 @@ NO_SNIFF = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
 
 def station_router(station: Station) -> APIRouter:
-    """The station's routes, bound to one ``Station``."""
+    """The station's routes, bound to one ``Station``: ``/``, ``/static/NAME``, ``/v1/events``,
+    ``/v1/station`` (pass it to ``create_app(extra_routers=[...])``)."""
     r = APIRouter()
     hub = station.hub
 

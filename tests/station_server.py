@@ -35,12 +35,15 @@ def station_server(
 
     from spade_edge.serve import ServeConfig, create_app
     from spade_edge.station.app import Station
+    from spade_edge.station.routes import station_router
 
     st = Station(sources, sinks, station=station)
     cfg = ServeConfig(
         model=model, gallery=gallery, archive=archive, token=TOKEN, station=station, **config
     )
-    app = create_app(cfg, extra_routers=st.routers(), on_start=[st.start], on_stop=[st.stop])
+    app = create_app(
+        cfg, extra_routers=[station_router(st)], on_start=[st.start], on_stop=[st.stop]
+    )
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(

@@ -6,16 +6,15 @@ Each sink is a ``BufferedSink``: ``submit(result)`` never blocks the serving loo
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import import_module
 
+from spade_edge.runtime.registry import import_attr
 from spade_edge.station.sinks.base import DEFAULT_BUFFER, BufferedSink
 from spade_edge.station.spec import parse_spec
 
-# kind -> (module, class, option keys); modules import their protocol library lazily.
-SINKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+# kind -> ("module:class", option keys); modules import their protocol library lazily.
+SINKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mqtt": (
-        "spade_edge.station.sinks.mqtt",
-        "MqttSink",
+        "spade_edge.station.sinks.mqtt:MqttSink",
         (
             "buffer",
             "backoff_min",
@@ -27,10 +26,9 @@ SINKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
             "password_file",
         ),
     ),
-    "opcua": ("spade_edge.station.sinks.opcua", "OpcUaSink", ("buffer",)),
+    "opcua": ("spade_edge.station.sinks.opcua:OpcUaSink", ("buffer",)),
     "webhook": (
-        "spade_edge.station.sinks.webhook",
-        "WebhookSink",
+        "spade_edge.station.sinks.webhook:WebhookSink",
         ("buffer", "retries", "backoff", "timeout"),
     ),
 }
@@ -38,9 +36,8 @@ SINKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 def open_sink(text: str, station: str) -> BufferedSink:
     """Build (not start) the sink a spec names; ``ConfigError`` naming the spec when it is bad."""
-    spec = parse_spec(text, {k: v[2] for k, v in SINKS.items()}, "sink")
-    module, cls, _ = SINKS[spec.kind]
-    factory: Callable[..., BufferedSink] = getattr(import_module(module), cls).from_spec
+    spec = parse_spec(text, {k: v[1] for k, v in SINKS.items()}, "sink")
+    factory: Callable[..., BufferedSink] = import_attr(SINKS[spec.kind][0]).from_spec
     return factory(spec, station)
 
 
