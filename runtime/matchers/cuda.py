@@ -194,6 +194,17 @@ class _Level:
     fn: Any = None
 
 
+@dataclass(frozen=True)
+class _DeviceLimits:
+    """What the launch planning reads from the device once."""
+
+    cc: tuple[int, int]  # compute capability
+    n_sm: int
+    smem_optin: int  # shared memory one block may opt in to
+    smem_sm: int  # shared memory per multiprocessor
+    regs_sm: int  # registers per multiprocessor
+
+
 @dataclass
 class StageEvents:
     """CUDA events recorded on the stream around each stage of one image (``profile``)."""
@@ -310,6 +321,30 @@ class CudaMatcher(Backend):
         return buf
 
     def _setup(self, g: GalleryArrays, src: str) -> None:
+        """Everything a score needs, in order: device limits, memory check, kernels, gallery
+        upload, launch plans, workspaces, prepared kernels, profiling events."""
+        self._hw = self._read_device()
+        self._check_free_memory(src)
+        knn_mod, pooled_mod, post_mod = self._compile(self._hw.cc)
+        self._knn_mod = knn_mod
+        self._stream = self._drv.Stream()
+        try:
+            self._upload_pooled(g)
+            self._upload_levels(g)
+            for L in self._levels:
+                self._plan_level(L)
+            self._allocate_outputs()
+        except self._drv.MemoryError as e:
+            raise CompatibilityError(
+                f"{src}: out of device memory while uploading the gallery to "
+                f"{self.device_name}: {e}"
+            ) from None
+        self._prepare_kernels(pooled_mod, post_mod)
+        self._events = StageEvents.create(self._drv, len(self._levels))
+        self._stream.synchronize()
+
+    def _read_device(self) -> _DeviceLimits:
+        """The current device's limits; refuses GPUs without tensor cores + cp.async."""
         drv = self._drv
         dev = drv.Context.get_device()
         self.device_name = dev.name()
@@ -320,105 +355,102 @@ class CudaMatcher(Backend):
                 f"{self.device_name} is {cc[0]}.{cc[1]}"
             )
         attr = drv.device_attribute
-        n_sm = dev.get_attribute(attr.MULTIPROCESSOR_COUNT)
-        smem_optin = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        smem_sm = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-        regs_sm = dev.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR)
-        c = g.contract
-        n = self.n_images
-        s = self.size
-        cg = c.pooled_dim
-        npad = 1 << max(1, math.ceil(math.log2(n)))
+        return _DeviceLimits(
+            cc=(int(cc[0]), int(cc[1])),
+            n_sm=dev.get_attribute(attr.MULTIPROCESSOR_COUNT),
+            smem_optin=dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+            smem_sm=dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+            regs_sm=dev.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR),
+        )
 
-        # Plan the levels and check the memory budget before any big allocation.
-        plan = []
-        min_total = 0
-        for lv in c.levels:
-            p = lv.height * lv.width
-            plan.append((lv, p, padded_channels(lv.channels), min_total))
-            min_total += p
-        n_out = s * s + 1 + self.kmax
-        total = device_bytes(c, n, self.kmax)
-        free, _total = drv.mem_get_info()
-        if total + RESERVE_BYTES > free:
+    def _check_free_memory(self, src: str) -> None:
+        """Refuse a gallery that does not fit before any big allocation (no silent chunking)."""
+        need = device_bytes(self.contract, self.n_images, self.kmax)
+        free, _total = self._drv.mem_get_info()
+        if need + RESERVE_BYTES > free:
             raise CompatibilityError(
-                f"{src}: the cuda matcher needs {total / 2**20:.0f} MiB on {self.device_name} "
-                f"for this gallery ({n} images) but only {free / 2**20:.0f} MiB are free; "
-                "use fewer gallery images, a larger GPU or the numpy matcher"
+                f"{src}: the cuda matcher needs {need / 2**20:.0f} MiB on {self.device_name} "
+                f"for this gallery ({self.n_images} images) but only {free / 2**20:.0f} MiB "
+                "are free; use fewer gallery images, a larger GPU or the numpy matcher"
             )
 
-        self._modules = self._compile(cc)
-        knn_mod, pooled_mod, post_mod = self._modules
-        self._stream = drv.Stream()
+    def _upload_pooled(self, g: GalleryArrays) -> None:
+        """Pooled gallery: fp16 [N, Cg] + float64 norms of the fp16 values (as the oracle);
+        the distance buffer and the query's pooled vector."""
+        n = self.n_images
+        self._g_pooled = self._upload(g.pooled, np.float16)
+        pooled_sq = np.empty(n, dtype=np.float64)
+        for i0 in range(0, n, 4096):
+            blk = np.asarray(g.pooled[i0 : i0 + 4096], dtype=np.float64)
+            pooled_sq[i0 : i0 + len(blk)] = np.einsum("ij,ij->i", blk, blk)
+        self._gn_pooled = self._upload(pooled_sq, np.float64)
+        self._dist = self._alloc(n * 8)
+        self._q_pooled = self._alloc(self.contract.pooled_dim * 4)
 
-        try:
-            # Pooled gallery: fp16 [N, Cg] + float64 norms of the fp16 values (as the oracle).
-            self._g_pooled = self._upload(g.pooled, np.float16)
-            pooled_sq = np.empty(n, dtype=np.float64)
-            for i0 in range(0, n, 4096):
-                blk = np.asarray(g.pooled[i0 : i0 + 4096], dtype=np.float64)
-                pooled_sq[i0 : i0 + len(blk)] = np.einsum("ij,ij->i", blk, blk)
-            self._gn_pooled = self._upload(pooled_sq, np.float64)
-            self._dist = self._alloc(n * 8)
-            self._q_pooled = self._alloc(cg * 4)
-
-            self._levels: list[_Level] = []
-            self._minbuf = self._alloc(min_total * 4)
-            for (lv, p, cp, off), ga, gs in zip(plan, g.levels, g.level_sqnorms, strict=True):
-                L = _Level(
+    def _upload_levels(self, g: GalleryArrays) -> None:
+        """Per level: the gallery (fp16, channels padded) and its norms, the query workspaces,
+        and this level's slice of the one minima buffer that the upsample kernel reads."""
+        n = self.n_images
+        levels = self.contract.levels
+        offsets = np.cumsum([0] + [lv.height * lv.width for lv in levels]).tolist()
+        self._minbuf = self._alloc(offsets[-1] * 4)
+        self._levels: list[_Level] = []
+        for lv, off, ga, gs in zip(levels, offsets[:-1], g.levels, g.level_sqnorms, strict=True):
+            p, c = lv.height * lv.width, lv.channels
+            cp = padded_channels(c)
+            self._levels.append(
+                _Level(
                     name=lv.name,
                     h=lv.height,
                     w=lv.width,
-                    c=lv.channels,
+                    c=c,
                     cp=cp,
                     p=p,
-                    g=self._upload_level(ga, n, p, lv.channels, cp),
+                    g=self._upload_level(ga, n, p, c, cp),
                     gn=self._upload(gs, np.float32),
                     q16=self._alloc(p * cp * 2),
                     qn=self._alloc(p * 4),
-                    min_off=off,
-                    stage=self._alloc(p * lv.channels * 4),
+                    min_off=int(off),
+                    stage=self._alloc(p * c * 4),
                 )
-                self._levels.append(L)
-            self._hw = (knn_mod, n_sm, smem_optin, smem_sm, regs_sm)
-            for L in self._levels:
-                self._plan_level(L)
-            table = np.array([[L.min_off, L.h, L.w] for L in self._levels], dtype=np.int32).reshape(
-                -1
             )
-            self._table = self._upload(table, np.int32)
-            self._weights_host = gaussian_weights(self.sigma)
-            self._weights = self._upload(self._weights_host, np.float32)
-            self._tmp_a = self._alloc(s * s * 4)
-            self._tmp_b = self._alloc(s * s * 4)
-            self._out = self._alloc(n_out * 4)
-            self._out_host = drv.pagelocked_empty(n_out, dtype=np.float32)
-            self._nbr_ptr = int(self._out) + (s * s + 1) * 4
-            self._score_ptr = int(self._out) + s * s * 4
-        except drv.MemoryError as e:
-            raise CompatibilityError(
-                f"{src}: out of device memory while uploading the gallery to "
-                f"{self.device_name}: {e}"
-            ) from None
 
+    def _allocate_outputs(self) -> None:
+        """The map pipeline's inputs and buffers and the one output record
+        ``[map S*S | score | neighbours kmax]`` with its page-locked host copy."""
+        s = self.size
+        table = np.array([[L.min_off, L.h, L.w] for L in self._levels], dtype=np.int32)
+        self._table = self._upload(table.reshape(-1), np.int32)
+        self._weights_host = gaussian_weights(self.sigma)
+        self._weights = self._upload(self._weights_host, np.float32)
+        self._tmp_a = self._alloc(s * s * 4)
+        self._tmp_b = self._alloc(s * s * 4)
+        n_out = s * s + 1 + self.kmax
+        self._out = self._alloc(n_out * 4)
+        self._out_host = self._drv.pagelocked_empty(n_out, dtype=np.float32)
+        self._nbr_ptr = int(self._out) + (s * s + 1) * 4
+        self._score_ptr = int(self._out) + s * s * 4
+
+    def _prepare_kernels(self, pooled_mod: Any, post_mod: Any) -> None:
+        """Look up and prepare the per-image kernels (the fused ones: ``_plan_level``)."""
+        optin = self._hw.smem_optin
+        n = self.n_images
         self._f_pooled = pooled_mod.get_function("pooled_dist")
         self._f_pooled.prepare("PiiPPiP")
-        self._pooled_smem = cg * 8 + 32 * 8
-        self._set_smem(self._f_pooled, self._pooled_smem, smem_optin, "pooled_dist")
+        self._pooled_smem = self.contract.pooled_dim * 8 + 32 * 8
+        self._set_smem(self._f_pooled, self._pooled_smem, optin, "pooled_dist")
         self._f_topk = pooled_mod.get_function("topk_select")
         self._f_topk.prepare("PiiiiPP")
-        self._npad = npad
-        self._topk_smem = npad * 12
-        self._set_smem(self._f_topk, self._topk_smem, smem_optin, "topk_select")
-        self._f_prep = knn_mod.get_function("prep_query")
+        self._npad = 1 << max(1, math.ceil(math.log2(n)))
+        self._topk_smem = self._npad * 12
+        self._set_smem(self._f_topk, self._topk_smem, optin, "topk_select")
+        self._f_prep = self._knn_mod.get_function("prep_query")
         self._f_prep.prepare("PiiiiPPP")
         self._f_up = post_mod.get_function("upsample_mean")
         self._f_up.prepare("PPiiP")
         self._f_blur = post_mod.get_function("blur_pass")
         self._f_blur.prepare("PPiPii")
-        self._pooled_grid = (max(1, min(-(-n // 8), 4 * n_sm)), 1)
-        self._events = StageEvents.create(drv, len(self._levels))
-        self._stream.synchronize()
+        self._pooled_grid = (max(1, min(-(-n // 8), 4 * self._hw.n_sm)), 1)
 
     def _set_smem(self, fn: Any, nbytes: int, optin: int, what: str) -> None:
         if nbytes > optin:
@@ -430,21 +462,21 @@ class CudaMatcher(Backend):
             fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
 
     def _plan_level(self, L: _Level) -> None:
-        mod, n_sm, optin, smem_sm, regs_sm = self._hw
+        hw = self._hw
         forced = self._block_rows
-        if forced is not None and fused_smem_bytes(forced, L.cp) <= optin:
+        if forced is not None and fused_smem_bytes(forced, L.cp) <= hw.smem_optin:
             L.bm = forced
         else:  # automatic, or the forced variant does not fit this level on this GPU
-            L.bm = choose_block_rows(L.p, L.cp, optin)
+            L.bm = choose_block_rows(L.p, L.cp, hw.smem_optin)
         L.smem = fused_smem_bytes(L.bm, L.cp)
-        L.fn = mod.get_function(f"knn_min_bm{L.bm}")
+        L.fn = self._knn_mod.get_function(f"knn_min_bm{L.bm}")
         L.fn.prepare("PPiPPPiiiiP")
-        self._set_smem(L.fn, L.smem, optin, f"knn_min_bm{L.bm}")
+        self._set_smem(L.fn, L.smem, hw.smem_optin, f"knn_min_bm{L.bm}")
         regs = max(1, L.fn.get_attribute(self._drv.function_attribute.NUM_REGS))
-        per_sm = max(1, min(smem_sm // (L.smem + 1024), regs_sm // (regs * THREADS), 8))
+        per_sm = max(1, min(hw.smem_sm // (L.smem + 1024), hw.regs_sm // (regs * THREADS), 8))
         tiles = -(-(self.k_gallery * L.p) // BN)
         row_blocks = -(-L.p // L.bm)
-        L.splits, L.tiles_per_split = choose_splits(row_blocks, tiles, n_sm * per_sm, L.bm)
+        L.splits, L.tiles_per_split = choose_splits(row_blocks, tiles, hw.n_sm * per_sm, L.bm)
 
     def _compile(self, cc: tuple[int, int]) -> tuple[Any, Any, Any]:
         SourceModule = import_source_module("cuda matcher")
@@ -572,16 +604,40 @@ class CudaMatcher(Backend):
     ) -> Score:
         """Queue the whole matching stage on the stream, copy the result back once."""
         st = self._stream
-        s = self.size
-        n = self.n_images
         if ev:
             ev.inputs_ready.record(st)
+        self._launch_pooled_topk(pooled)
+        if ev:
+            ev.pooled_done.record(st)
+        for i, (L, src) in enumerate(zip(self._levels, srcs, strict=True)):
+            self._launch_prep(L, src)
+            if ev:
+                ev.prep_done[i].record(st)
+            self._launch_fused(L)
+            if ev:
+                ev.fused_done[i].record(st)
+        self._launch_maps()
+        if ev:
+            ev.maps_done.record(st)
+        self._drv.memcpy_dtoh_async(self._out_host, self._out, st)
+        if ev:
+            ev.copied_back.record(st)
+        st.synchronize()
+        if ev:
+            self.stage_ms = ev.stage_ms([L.name for L in self._levels])
+        return self._read_output()
+
+    def _launch_pooled_topk(self, pooled: tuple[int, int]) -> None:
+        """Image level: distances to every pooled gallery vector, then the top-K into the
+        output record (score, neighbours)."""
+        ptr, half = pooled
+        n = self.n_images
         self._f_pooled.prepared_async_call(
             self._pooled_grid,
             (256, 1, 1),
-            st,
-            pooled[0],
-            pooled[1],
+            self._stream,
+            ptr,
+            half,
             self.contract.pooled_dim,
             int(self._g_pooled),
             int(self._gn_pooled),
@@ -592,7 +648,7 @@ class CudaMatcher(Backend):
         self._f_topk.prepared_async_call(
             (1, 1),
             (1024, 1, 1),
-            st,
+            self._stream,
             int(self._dist),
             n,
             self._npad,
@@ -602,65 +658,67 @@ class CudaMatcher(Backend):
             self._score_ptr,
             shared_size=self._topk_smem,
         )
-        if ev:
-            ev.pooled_done.record(st)
-        minbuf = int(self._minbuf)
-        for i, (L, (ptr, half)) in enumerate(zip(self._levels, srcs, strict=True)):
-            mptr = minbuf + L.min_off * 4
-            self._f_prep.prepared_async_call(
-                (-(-L.p // 8), 1),
-                (256, 1, 1),
-                st,
-                ptr,
-                half,
-                L.p,
-                L.c,
-                L.cp,
-                int(L.q16),
-                int(L.qn),
-                mptr,
-            )
-            if ev:
-                ev.prep_done[i].record(st)
-            L.fn.prepared_async_call(
-                (-(-L.p // L.bm), L.splits),
-                (THREADS, 1, 1),
-                st,
-                int(L.q16),
-                int(L.qn),
-                L.p,
-                int(L.g),
-                int(L.gn),
-                self._nbr_ptr,
-                L.p,
-                self.k_gallery,
-                L.cp,
-                L.tiles_per_split,
-                mptr,
-                shared_size=L.smem,
-            )
-            if ev:
-                ev.fused_done[i].record(st)
+
+    def _level_minima(self, L: _Level) -> int:
+        """Device address of level ``L``'s [P] nearest-distance minima."""
+        return int(self._minbuf) + L.min_off * 4
+
+    def _launch_prep(self, L: _Level, src: tuple[int, int]) -> None:
+        """Query features (fp32 or fp16 at ``src``) -> fp16 padded rows + norms; minima reset."""
+        ptr, half = src
+        self._f_prep.prepared_async_call(
+            (-(-L.p // 8), 1),
+            (256, 1, 1),
+            self._stream,
+            ptr,
+            half,
+            L.p,
+            L.c,
+            L.cp,
+            int(L.q16),
+            int(L.qn),
+            self._level_minima(L),
+        )
+
+    def _launch_fused(self, L: _Level) -> None:
+        """Nearest position among the K gallery images' positions, per query position."""
+        L.fn.prepared_async_call(
+            (-(-L.p // L.bm), L.splits),
+            (THREADS, 1, 1),
+            self._stream,
+            int(L.q16),
+            int(L.qn),
+            L.p,
+            int(L.g),
+            int(L.gn),
+            self._nbr_ptr,
+            L.p,
+            self.k_gallery,
+            L.cp,
+            L.tiles_per_split,
+            self._level_minima(L),
+            shared_size=L.smem,
+        )
+
+    def _launch_maps(self) -> None:
+        """Upsample + level mean into a map, then the separable blur into the output record."""
+        s, st = self.size, self._stream
         grid = (-(-s // 32), -(-s // 8))
         block = (32, 8, 1)
         radius = (len(self._weights_host) - 1) // 2
+        weights, tmp_a, tmp_b = int(self._weights), int(self._tmp_a), int(self._tmp_b)
+        minbuf = int(self._minbuf)
         self._f_up.prepared_async_call(
-            grid, block, st, minbuf, int(self._table), len(self._levels), s, int(self._tmp_a)
+            grid, block, st, minbuf, int(self._table), len(self._levels), s, tmp_a
         )
+        self._f_blur.prepared_async_call(grid, block, st, tmp_a, tmp_b, s, weights, radius, 1)
         self._f_blur.prepared_async_call(
-            grid, block, st, int(self._tmp_a), int(self._tmp_b), s, int(self._weights), radius, 1
+            grid, block, st, tmp_b, int(self._out), s, weights, radius, 0
         )
-        self._f_blur.prepared_async_call(
-            grid, block, st, int(self._tmp_b), int(self._out), s, int(self._weights), radius, 0
-        )
-        if ev:
-            ev.maps_done.record(st)
-        self._drv.memcpy_dtoh_async(self._out_host, self._out, st)
-        if ev:
-            ev.copied_back.record(st)
-        st.synchronize()
-        if ev:
-            self.stage_ms = ev.stage_ms([L.name for L in self._levels])
+
+    def _read_output(self) -> Score:
+        """The host copy of the output record as a Score (the map copied out of the buffer)."""
+        s = self.size
         out = self._out_host
         amap = out[: s * s].reshape(s, s).copy()
         score = float(out[s * s])
