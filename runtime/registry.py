@@ -38,13 +38,19 @@ def load_backend(table: Mapping[str, str], name: str, kind: str) -> Any:
 
 
 def backend_options(cls: type) -> list[str]:
-    """Keyword options a backend class accepts (its constructor after the first argument)."""
-    params = list(inspect.signature(cls).parameters.values())[1:]  # after the path/gallery
-    return [
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
+    """Keyword options a backend class accepts: its constructor's after the first argument,
+    and, where that constructor forwards ``**options`` to its base class (the matchers'
+    ``**knn``), the base constructor's as well."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[2:]
+        names += [p.name for p in params if p.kind in named and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def check_options(cls: type, options: Mapping[str, Any], name: str, kind: str) -> None:

@@ -150,6 +150,15 @@ def test_unknown_matcher_option_is_a_config_error_naming_it(tiny: Path) -> None:
         open_matcher(g, "numpy", k_imag=3)
     with pytest.raises(ConfigError, match=r"matcher backend 'cuda' has no option 'devices'"):
         open_matcher(g, "cuda", devices=0)  # refused before pycuda is even needed
+    with pytest.raises(ConfigError, match=r"'exact-int8' has no option 'k_galery'.*k_gallery"):
+        open_matcher(g, "exact-int8", k_galery=3)
+
+
+def test_matcher_options_include_the_shared_knn_options() -> None:
+    """A matcher forwarding ``**knn`` to KnnMatcher accepts (only) KnnMatcher's options too."""
+    knn = ["k_image", "k_gallery", "sigma"]
+    for name, extra in (("numpy", []), ("cuda", ["device", "block_rows"])):
+        assert backend_options(load_backend(MATCHERS, name, "matcher")) == [*extra, *knn], name
 
 
 def test_every_backend_declares_thread_safety_and_lifecycle() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import ConfigError
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import DEFAULT_SIGMA as DEFAULT_SIGMA  # re-exported
 
@@ -86,3 +87,34 @@ class Matcher(Protocol):
         ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class KnnOptions(TypedDict, total=False):
+    """The options every matcher takes (:class:`KnnMatcher`); a subclass's constructor adds its
+    own keyword-only options and forwards these as ``**knn: Unpack[KnnOptions]``."""
+
+    k_image: int
+    k_gallery: int
+    sigma: float
+
+
+class KnnMatcher(Backend):
+    """What every matcher shares: the K values checked against the gallery, the blur sigma,
+    the crop size, and the Backend lifecycle (``_closed``)."""
+
+    def __init__(
+        self,
+        gallery: GalleryArrays,
+        k_image: int = DEFAULT_K,
+        k_gallery: int = DEFAULT_K,
+        sigma: float = DEFAULT_SIGMA,
+    ) -> None:
+        n = int(gallery.n_images)
+        self.contract = gallery.contract
+        self.n_images = n
+        self.k_image = check_k(k_image, n, "k_image")
+        self.k_gallery = check_k(k_gallery, n, "k_gallery")
+        self.kmax = max(self.k_image, self.k_gallery)
+        self.sigma = float(sigma)
+        self.size = int(gallery.contract.image_size)
+        self._closed = False

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,16 +34,12 @@ from spade_edge.runtime.errors import (
     InputError,
 )
 from spade_edge.runtime.gpu import CudaDevice, import_pycuda, import_source_module
-from spade_edge.runtime.matchers.base import (
-    DEFAULT_K,
-    DEFAULT_SIGMA,
-    GalleryArrays,
-    Score,
-    check_k,
-)
-from spade_edge.runtime.registry import Backend
+from spade_edge.runtime.matchers.base import GalleryArrays, KnnMatcher, KnnOptions, Score
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import GAUSSIAN_TRUNCATE
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_FILES = ("knn_level.cu", "pooled_topk.cu", "postprocess.cu")
@@ -246,7 +242,7 @@ class StageEvents:
         return {k: float(v) for k, v in t.items()}
 
 
-class CudaMatcher(Backend):
+class CudaMatcher(KnnMatcher):
     """SPADE kNN scoring on an NVIDIA GPU (pycuda). One stream; not thread-safe."""
 
     name = "cuda"
@@ -255,11 +251,10 @@ class CudaMatcher(Backend):
     def __init__(
         self,
         gallery: GalleryArrays,
-        k_image: int = DEFAULT_K,
-        k_gallery: int = DEFAULT_K,
-        sigma: float = DEFAULT_SIGMA,
+        *,
         device: int = 0,
         block_rows: int | None = None,
+        **knn: Unpack[KnnOptions],
     ) -> None:
         """``block_rows`` forces the fused kernel's query rows per CTA where it fits (tests,
         benchmark); levels it does not fit keep the automatic choice."""
@@ -269,20 +264,12 @@ class CudaMatcher(Backend):
         drv = import_driver()
         self._drv = drv
         self._allocs: list[Any] = []
-        self._closed = False
         self.profile = False
         self.stage_ms: dict[str, float] = {}
         src = str(getattr(gallery, "path", "gallery"))
         self._src = src
-        contract = gallery.contract
-        n = int(gallery.n_images)
-        self.n_images = n
-        self.k_image = check_k(k_image, n, "k_image")
-        self.k_gallery = check_k(k_gallery, n, "k_gallery")
-        self.kmax = max(self.k_image, self.k_gallery)
-        self.sigma = float(sigma)
-        self.size = int(contract.image_size)
-        self.contract = contract
+        super().__init__(gallery, **knn)
+        n = self.n_images
         if n > MAX_GALLERY_IMAGES:
             raise ConfigError(
                 f"{src}: gallery has {n} images; the cuda matcher supports at most "

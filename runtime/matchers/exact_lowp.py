@@ -22,12 +22,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError
-from spade_edge.runtime.matchers.base import DEFAULT_K, DEFAULT_SIGMA, GalleryArrays, Score
+from spade_edge.runtime.matchers.base import GalleryArrays, KnnOptions, Score
 from spade_edge.runtime.matchers.numpy_matcher import (
     NARROW_CHANNELS,
     NumpyMatcher,
@@ -35,6 +35,9 @@ from spade_edge.runtime.matchers.numpy_matcher import (
     nearest_images,
 )
 from spade_edge.runtime.scoring import combine_levels
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2u for fp32 round-to-nearest
 BF16_UNIT = 2.0**-8  # unit roundoff of bf16 (8-bit significand, round to nearest)
@@ -90,6 +93,22 @@ class _Block:
     norm_max: float  # max ‖g‖
     resid_max: float  # max ‖g − g̃‖ (exact, float64)
 
+    @classmethod
+    def rounded(
+        cls, g64: np.ndarray, approx: np.ndarray, values: np.ndarray, scale: Any, zero: Any
+    ) -> _Block:
+        """The engine operand ``values`` (read back exactly as ``approx``) of the gallery rows
+        ``g64`` (float64), with the norms and rounding residual the error bound needs."""
+        sq = (g64**2).sum(axis=1)
+        return cls(
+            values=values,
+            scale=scale,
+            zero=zero,
+            sqnorm=sq.astype(np.float32),
+            norm_max=float(np.sqrt(sq.max())),
+            resid_max=float(np.sqrt(((g64 - approx) ** 2).sum(axis=1).max())),
+        )
+
 
 @dataclass
 class _Query:
@@ -100,6 +119,23 @@ class _Query:
     resid: np.ndarray  # float64 [P] ‖q − q̃‖
     sqnorm: np.ndarray  # float32 [P] ‖q‖² (fp32, as in the oracle)
     approx_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # ‖q̃‖
+
+    @classmethod
+    def rounded(
+        cls, q: np.ndarray, approx: np.ndarray, values: np.ndarray, scale: float, zero: int
+    ) -> _Query:
+        """The engine operand ``values`` (read back exactly as ``approx``, float64) of the query
+        rows ``q``, with the norms and rounding residuals the error bound needs."""
+        q64 = q.astype(np.float64)
+        return cls(
+            values=values,
+            scale=scale,
+            zero=zero,
+            norm=np.sqrt((q64**2).sum(axis=1)),
+            resid=np.sqrt(((q64 - approx) ** 2).sum(axis=1)),
+            sqnorm=np.einsum("ij,ij->i", q, q, dtype=np.float32),
+            approx_norm=np.sqrt((approx**2).sum(axis=1)),
+        )
 
 
 class _Int8Engine:
@@ -134,15 +170,8 @@ class _Int8Engine:
         zero = np.clip(G_LO - np.round(lo / scale), G_LO, G_HI).astype(np.int8)
         codes = np.clip(np.round(g64 / s64) + zero[:, None], G_LO, G_HI).astype(np.int8)
         approx = s64 * (codes.astype(np.float64) - zero[:, None])
-        sq = (g64**2).sum(axis=1)
-        return _Block(
-            values=np.ascontiguousarray(codes.T),  # [C, HW]: the GEMM's B operand
-            scale=scale,
-            zero=zero,
-            sqnorm=sq.astype(np.float32),
-            norm_max=float(np.sqrt(sq.max())),
-            resid_max=float(np.sqrt(((g64 - approx) ** 2).sum(axis=1).max())),
-        )
+        values = np.ascontiguousarray(codes.T)  # [C, HW]: the GEMM's B operand
+        return _Block.rounded(g64, approx, values, scale, zero)
 
     @staticmethod
     def query(q: np.ndarray) -> _Query:
@@ -152,15 +181,7 @@ class _Int8Engine:
         zero = int(np.clip(np.round(-lo / float(scale)), 0, 255))
         codes = np.clip(np.round(q64 / float(scale)) + zero, 0, 255).astype(np.uint8)
         approx = float(scale) * (codes.astype(np.float64) - zero)
-        return _Query(
-            values=codes,
-            scale=float(scale),
-            zero=zero,
-            norm=np.sqrt((q64**2).sum(axis=1)),
-            resid=np.sqrt(((q64 - approx) ** 2).sum(axis=1)),
-            sqnorm=np.einsum("ij,ij->i", q, q, dtype=np.float32),
-            approx_norm=np.sqrt((approx**2).sum(axis=1)),
-        )
+        return _Query.rounded(q, approx, codes, float(scale), zero)
 
     @staticmethod
     def operands(blocks: list[_Block]) -> dict[str, np.ndarray]:
@@ -217,31 +238,19 @@ class _Bf16Engine:
     @staticmethod
     def block(g: np.ndarray) -> _Block:
         gr = bf16_round(g)
-        g64 = g.astype(np.float64)
-        sq = (g64**2).sum(axis=1)
-        return _Block(
-            values=np.ascontiguousarray(gr.T),
-            scale=np.empty(0, dtype=np.float32),
-            zero=np.empty(0, dtype=np.int8),
-            sqnorm=sq.astype(np.float32),
-            norm_max=float(np.sqrt(sq.max())),
-            resid_max=float(np.sqrt(((g64 - gr) ** 2).sum(axis=1).max())),
+        return _Block.rounded(
+            g.astype(np.float64),
+            gr,
+            np.ascontiguousarray(gr.T),
+            np.empty(0, dtype=np.float32),
+            np.empty(0, dtype=np.int8),
         )
 
     @staticmethod
     def query(q: np.ndarray) -> _Query:
         qr = bf16_round(q)
-        q64 = q.astype(np.float64)
-        approx = qr.astype(np.float64)
-        return _Query(
-            values=np.ascontiguousarray(-2.0 * qr),  # exact: scaling by 2 keeps bf16 values
-            scale=1.0,
-            zero=0,
-            norm=np.sqrt((q64**2).sum(axis=1)),
-            resid=np.sqrt(((q64 - approx) ** 2).sum(axis=1)),
-            sqnorm=np.einsum("ij,ij->i", q, q, dtype=np.float32),
-            approx_norm=np.sqrt((approx**2).sum(axis=1)),
-        )
+        # values: exact, scaling by 2 keeps bf16 values
+        return _Query.rounded(q, qr.astype(np.float64), np.ascontiguousarray(-2.0 * qr), 1.0, 0)
 
     @staticmethod
     def operands(blocks: list[_Block]) -> dict[str, np.ndarray]:
@@ -299,14 +308,13 @@ class ExactLowpMatcher(NumpyMatcher):
     def __init__(
         self,
         gallery: GalleryArrays,
-        k_image: int = DEFAULT_K,
-        k_gallery: int = DEFAULT_K,
-        sigma: float = DEFAULT_SIGMA,
+        *,
         precision: str | None = None,
         threads: int | None = None,
         min_channels: int = NARROW_CHANNELS,
+        **knn: Unpack[KnnOptions],
     ) -> None:
-        super().__init__(gallery, k_image=k_image, k_gallery=k_gallery, sigma=sigma)
+        super().__init__(gallery, **knn)
         prec = precision or self.precision
         if prec not in ENGINES:
             raise ConfigError(f"precision must be one of {', '.join(ENGINES)}, got {prec!r}")

@@ -11,20 +11,17 @@ N×M matrix is never formed). Stateless per call, hence thread-safe.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spade_edge.runtime.errors import InputError
-from spade_edge.runtime.matchers.base import (
-    DEFAULT_K,
-    DEFAULT_SIGMA,
-    GalleryArrays,
-    Score,
-    check_k,
-)
-from spade_edge.runtime.registry import Backend
+from spade_edge.runtime.matchers.base import GalleryArrays, KnnMatcher, KnnOptions, Score
 from spade_edge.runtime.runners.base import Features
 from spade_edge.runtime.scoring import combine_levels
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 #: Distance tiles (float32 elements). Wide features (C >= 128) are GEMM-bound and want big
 #: tiles; narrow ones (Lite0, C = 24) are memory-bound and want cache-sized tiles. Re-check
@@ -135,26 +132,15 @@ def min_sq_distances(
     return out
 
 
-class NumpyMatcher(Backend):
+class NumpyMatcher(KnnMatcher):
     """SPADE kNN scoring on the CPU."""
 
     name = "numpy"
     thread_safe = True
 
-    def __init__(
-        self,
-        gallery: GalleryArrays,
-        k_image: int = DEFAULT_K,
-        k_gallery: int = DEFAULT_K,
-        sigma: float = DEFAULT_SIGMA,
-    ) -> None:
+    def __init__(self, gallery: GalleryArrays, **knn: Unpack[KnnOptions]) -> None:
+        super().__init__(gallery, **knn)
         self.gallery = gallery
-        self._closed = False
-        n = gallery.n_images
-        self.k_image = check_k(k_image, n, "k_image")
-        self.k_gallery = check_k(k_gallery, n, "k_gallery")
-        self.sigma = float(sigma)
-        self.size = gallery.contract.image_size
         # The pooled matrix is small (N x Cg): keep a float64 copy for the image-level GEMV.
         self._pooled = np.ascontiguousarray(gallery.pooled, dtype=np.float64)
         self._pooled_sq = (self._pooled**2).sum(axis=1)

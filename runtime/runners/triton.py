@@ -26,6 +26,7 @@ import numpy as np
 
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
+from spade_edge.runtime.registry import Backend
 from spade_edge.runtime.runners.base import Features
 
 PROTOCOLS = ("grpc", "http")
@@ -114,6 +115,8 @@ class _Client:
         return dict(cfg)
 
     def infer(self, model: str, version: str, inputs: list[Any], outputs: list[str]) -> Any:
+        if self.client is None:
+            raise InputError(f"{self.where(model)}: used after close()")
         outs = [self.mod.InferRequestedOutput(n) for n in outputs]
         kw: dict[str, Any] = {"model_version": version, "outputs": outs}
         if self.protocol == "grpc":
@@ -131,7 +134,7 @@ def _param(cfg: dict[str, Any], key: str) -> str | None:
     return None if p is None else str(p.get("string_value", ""))
 
 
-class TritonRunner:
+class TritonRunner(Backend):
     """The feature pyramid from a Triton model (``spade_backbone`` by default).
 
     ``path`` is the Triton model's name, or ``[grpc://|http://]HOST:PORT/MODEL`` (then ``url``
@@ -211,12 +214,6 @@ class TritonRunner:
     def close(self) -> None:
         self._c.close()
 
-    def __enter__(self) -> TritonRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 @dataclass
 class RemoteResult:
@@ -235,8 +232,11 @@ class RemoteResult:
         }
 
 
-class TritonInspector:
+class TritonInspector(Backend):
     """Score encoded image files on the server's ``spade`` model (one request per call)."""
+
+    name = "triton-inspector"
+    thread_safe = False  # one client connection, as TritonRunner
 
     def __init__(
         self,
@@ -269,12 +269,6 @@ class TritonInspector:
 
     def close(self) -> None:
         self._c.close()
-
-    def __enter__(self) -> TritonInspector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = [
