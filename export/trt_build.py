@@ -234,40 +234,38 @@ def build_engine(
     finally:
         gpu.release()
     plan = built.plan
-
+    # what the engine is and was built for: written to its manifest and reported, both from here
+    identity: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "tensorrt_version": trt.__version__,
+        "gpu_name": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "max_batch": max_batch,
+        "opt_batch": opt,
+    }
     write_engine_file(
         engine_path,
         plan,
         contract=contract,
-        fingerprint=fingerprint,
-        tensorrt_version=trt.__version__,
-        gpu_name=gpu.name,
-        compute_capability=gpu.compute_capability,
         inputs=built.inputs,
         outputs=built.outputs,
-        max_batch=max_batch,
-        opt_batch=opt,
         build=built.meta,
         source={"onnx_name": onnx_path.name, "onnx_sha256": file_sha256(onnx_path, ExportError)},
         onnx_metadata=dict(info.metadata),
+        **identity,
     )
     if raw_plan is not None:
         write_atomic(Path(raw_plan), plan)
     return EngineInfo(
         engine_path=engine_path,
         raw_plan=Path(raw_plan) if raw_plan is not None else None,
-        fingerprint=fingerprint,
         precision=contract.precision,
-        tensorrt_version=trt.__version__,
-        gpu_name=gpu.name,
-        compute_capability=gpu.compute_capability,
-        max_batch=max_batch,
-        opt_batch=opt,
         plan_bytes=len(plan),
         seconds=built.seconds,
         timing_cache=Path(timing_cache) if timing_cache is not None else None,
         timing_cache_loaded=built.timing_cache_loaded,
         network=built.network,
+        **identity,
     )
 
 

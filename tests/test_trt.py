@@ -40,7 +40,7 @@ from spade_edge.runtime.errors import (
     InputError,
     SpadeError,
 )
-from spade_edge.runtime.runners import open_runner
+from spade_edge.runtime.runners import Features, open_runner
 from spade_edge.runtime.runners.ort import OrtRunner
 
 onnx = pytest.importorskip("onnx")
@@ -364,13 +364,10 @@ def test_runner_refuses_other_gpu_architecture(
     assert "8.7" in msg and "9.0" in msg and "Fake GPU" in msg and "H200" in msg
 
 
-def test_runner_reports_undeserializable_plan(
-    fake: SimpleNamespace, tiny: Path, tmp_path: Path
-) -> None:
-    eng = tmp_path / "t.engine"
-    build(tiny, eng, max_batch=2)
+def rewrite_engine(eng: Path, plan: bytes | None = None, **changes: Any) -> None:
+    """Write engine file ``eng`` again from its own manifest fields with ``changes`` applied
+    (and ``plan`` instead of its plan): a valid file that says something else."""
     with read_engine_file(eng) as ef:
-        m = ef.manifest
         kw = {
             "contract": ef.contract,
             "fingerprint": ef.fingerprint,
@@ -381,10 +378,19 @@ def test_runner_reports_undeserializable_plan(
             "outputs": ef.outputs,
             "max_batch": ef.max_batch,
             "opt_batch": ef.opt_batch,
-            "build": m["build"],
-            "source": m["source"],
+            "build": ef.manifest["build"],
+            "source": ef.manifest["source"],
         }
-    write_engine_file(eng, b"not a plan", **kw)
+        old_plan = bytes(ef.plan())
+    write_engine_file(eng, old_plan if plan is None else plan, **{**kw, **changes})
+
+
+def test_runner_reports_undeserializable_plan(
+    fake: SimpleNamespace, tiny: Path, tmp_path: Path
+) -> None:
+    eng = tmp_path / "t.engine"
+    build(tiny, eng, max_batch=2)
+    rewrite_engine(eng, plan=b"not a plan")
     with pytest.raises(FormatError, match=r"could not deserialize the plan.*magic tag"):
         open_runner(eng)
     assert fake.world.allocs == 0 and fake.world.ctx_stack == []
@@ -430,20 +436,19 @@ def test_real_fp32_engine_matches_ort(tiny: Path, tmp_path: Path) -> None:
     eng = tmp_path / "fp32.engine"
     info = build(tiny, eng, max_batch=4, timing_cache=tmp_path / "tc.bin")
     assert info.precision == "fp32"
-    ref = OrtRunner(tiny)
-    r = open_runner(eng)
-    try:
+    with OrtRunner(tiny) as ref, open_runner(eng) as r:
         x = np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32)
         for n in (1, 4, 3):
             f = r.infer(x[:n])
             assert f.device and all(int(p) != 0 for p in f.levels)
-            got, want = f.to_host(), ref.infer(x[:n])
-            for a, b in zip([*got.levels, got.pooled], [*want.levels, want.pooled], strict=True):
-                assert a.shape == b.shape
-                assert rel_err(a, b) < 1e-3
-    finally:
-        r.close()
-        ref.close()
+            assert_features_close(f.to_host(), ref.infer(x[:n]), 1e-3)
+
+
+def assert_features_close(got: Features, want: Features, rtol: float) -> None:
+    """Every level and the pooled vector: same shape, relative L2 error below ``rtol``."""
+    for a, b in zip([*got.levels, got.pooled], [*want.levels, want.pooled], strict=True):
+        assert a.shape == b.shape
+        assert rel_err(a, b) < rtol
 
 
 @real
@@ -456,16 +461,9 @@ def test_real_fp16_engine_matches_ort(tiny: Path, tmp_path: Path) -> None:
     eng = tmp_path / "fp16.engine"
     info = build(f16, eng, max_batch=2)
     assert info.precision == "fp16" and info.network.half_tensors > 0
-    ref = OrtRunner(tiny)  # the fp32 parent on the CPU
-    r = open_runner(eng)
-    try:
+    with OrtRunner(tiny) as ref, open_runner(eng) as r:  # ref: the fp32 parent on the CPU
         x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
-        got, want = r.infer(x).to_host(), ref.infer(x)
-        for a, b in zip([*got.levels, got.pooled], [*want.levels, want.pooled], strict=True):
-            assert rel_err(a, b) < 1e-2
-    finally:
-        r.close()
-        ref.close()
+        assert_features_close(r.infer(x).to_host(), ref.infer(x), 1e-2)
 
 
 @real
@@ -474,20 +472,7 @@ def test_real_fp16_engine_matches_ort(tiny: Path, tmp_path: Path) -> None:
 def test_real_engine_refuses_tampered_version(tiny: Path, tmp_path: Path) -> None:
     eng = tmp_path / "e.engine"
     build(tiny, eng, max_batch=1)
-    with read_engine_file(eng) as ef:
-        kw = {
-            "contract": ef.contract,
-            "fingerprint": ef.fingerprint,
-            "tensorrt_version": "9.9.9",
-            "gpu_name": ef.gpu_name,
-            "compute_capability": ef.compute_capability,
-            "inputs": ef.inputs,
-            "outputs": ef.outputs,
-            "max_batch": ef.max_batch,
-            "opt_batch": ef.opt_batch,
-        }
-        plan = bytes(ef.plan())
-    write_engine_file(eng, plan, **kw)
+    rewrite_engine(eng, tensorrt_version="9.9.9")
     with pytest.raises(CompatibilityError, match=r"9\.9\.9"):
         open_runner(eng)
 

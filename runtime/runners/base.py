@@ -5,13 +5,31 @@ Modelled on Polygraphy's runners: construct (load once), ``infer`` many times, `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.errors import FormatError, InputError
+
+
+def check_batch(batch: Any, contract: Contract) -> np.ndarray:
+    """The batch as contiguous float32 ``[B, 3, S, S]``; InputError naming its shape if not."""
+    s = contract.image_size
+    if not isinstance(batch, np.ndarray) or batch.ndim != 4 or batch.shape[1:] != (3, s, s):
+        shape = getattr(batch, "shape", None)
+        raise InputError(f"batch shape {shape} does not match the contract [B,3,{s},{s}]")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def check_outputs(where: object, names: Iterable[str], contract: Contract) -> None:
+    """FormatError if the model (``where``) lacks an output its contract names."""
+    have = set(names)
+    missing = [n for n in contract.output_names if n not in have]
+    if missing:
+        raise FormatError(f"{where}: model lacks outputs named in its contract: {missing}")
 
 
 @dataclass

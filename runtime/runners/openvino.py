@@ -18,7 +18,7 @@ import numpy as np
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, FormatError, InputError
 from spade_edge.runtime.model_meta import read_model_info
 from spade_edge.runtime.registry import Backend
-from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.runners.base import Features, check_batch, check_outputs
 
 PRECISIONS = ("fp32", "bf16", "int8")
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -76,20 +76,14 @@ class OpenVinoRunner(Backend):
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         #: what OpenVINO runs ("bf16" only where the CPU has bf16 units; else "f32")
         self.effective_precision = str(getattr(hint, "to_string", lambda: hint)())
-        names = [o.get_any_name() for o in self._compiled.outputs]
-        missing = [n for n in self.contract.output_names if n not in names]
-        if missing:
-            raise FormatError(f"{self.path}: model lacks outputs named in its contract: {missing}")
+        check_outputs(self.path, (o.get_any_name() for o in self._compiled.outputs), self.contract)
         self._outputs = [self._compiled.output(n) for n in self.contract.output_names]
         self._request = self._compiled.create_infer_request()
 
     def infer(self, batch: np.ndarray) -> Features:
         if self._request is None:
             raise InputError(f"{self.path}: runner is closed")
-        s = self.contract.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
-            raise InputError(f"batch shape {batch.shape} does not match the contract [B,3,{s},{s}]")
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = check_batch(batch, self.contract)
         res = self._request.infer({self.contract.input_name: x})
         outs = [np.array(res[o], dtype=np.float32) for o in self._outputs]  # own the memory
         pooled = outs[-1].reshape(len(x), -1)

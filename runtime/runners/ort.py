@@ -14,7 +14,7 @@ from spade_edge.runtime.cpu_features import cpu_units
 from spade_edge.runtime.errors import FormatError, InputError
 from spade_edge.runtime.model_meta import contract_from_metadata
 from spade_edge.runtime.registry import Backend
-from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.runners.base import Features, check_batch, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,12 @@ class OrtRunner(Backend):
         self.max_batch = max_batch
         self.providers = self.session.get_providers()
         self._outputs = self.contract.output_names
-        got = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in self._outputs if n not in got]
-        if missing:
-            raise FormatError(f"{self.path}: model lacks outputs named in its contract: {missing}")
+        check_outputs(self.path, (o.name for o in self.session.get_outputs()), self.contract)
 
     def infer(self, batch: np.ndarray) -> Features:
         if self.session is None:
             raise InputError(f"{self.path}: runner is closed")
-        s = self.contract.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
-            raise InputError(f"batch shape {batch.shape} does not match the contract [B,3,{s},{s}]")
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = check_batch(batch, self.contract)
         outs = self.session.run(self._outputs, {self.contract.input_name: x})
         levels = [np.asarray(o, dtype=np.float32) for o in outs[:-1]]
         pooled = np.asarray(outs[-1], dtype=np.float32).reshape(len(x), -1)

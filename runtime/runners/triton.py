@@ -27,7 +27,7 @@ import numpy as np
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
 from spade_edge.runtime.registry import Backend
-from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.runners.base import Features, check_batch
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_TIMEOUT_S = 60.0
@@ -187,10 +187,7 @@ class TritonRunner(Backend):
         return self._c.protocol
 
     def infer(self, batch: np.ndarray) -> Features:
-        s = self.contract.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, s, s):
-            raise InputError(f"batch shape {batch.shape} does not match the contract [B,3,{s},{s}]")
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = check_batch(batch, self.contract)
         step = self.max_batch or len(x)
         parts: list[list[np.ndarray]] = []
         with self._lock:

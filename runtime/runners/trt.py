@@ -48,7 +48,7 @@ from spade_edge.runtime.errors import (
 )
 from spade_edge.runtime.gpu import CudaDevice, import_pycuda
 from spade_edge.runtime.registry import Backend
-from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.runners.base import Features, check_batch
 
 log = logging.getLogger("spade_edge.trt")
 
@@ -375,9 +375,7 @@ class TrtRunner(Backend):
         if self._closed:
             raise InputError(f"{self.path}: runner is closed")
         s = self.contract.image_size
-        if not isinstance(batch, np.ndarray) or batch.ndim != 4 or batch.shape[1:] != (3, s, s):
-            shape = getattr(batch, "shape", None)
-            raise InputError(f"batch shape {shape} does not match the contract [B,3,{s},{s}]")
+        batch = check_batch(batch, self.contract)
         n = int(batch.shape[0])
         mb = int(self.max_batch or 0)
         if not 1 <= n <= mb:
