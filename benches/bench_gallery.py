@@ -26,6 +26,7 @@ import numpy as np
 
 from spade_edge.runtime.contract import Contract, Level
 from spade_edge.runtime.gallery import Gallery, bytes_per_image, write_gallery
+from spade_edge.runtime.synthetic import random_gallery
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,15 +112,10 @@ def bench_pack(
 def bench_open(gb: float, repeats: int = 20) -> dict[str, float]:
     c = wrn50_contract()
     n = max(1, round(gb * 1e9 / bytes_per_image(c)))
-    rng = np.random.default_rng(0)
-
-    def filled(shape: tuple[int, ...]) -> np.ndarray:
-        a = np.empty(shape, np.float16)
-        a[...] = rng.normal(size=shape[1:]).astype(np.float16)  # content is irrelevant here
-        return a
-
-    pooled = filled((n, c.pooled_dim))
-    levels = [filled((n, lv.height, lv.width, lv.channels)) for lv in c.levels]
+    # one random image repeated n times: the content is irrelevant here, its generation cost too
+    g = random_gallery(c, n, distinct=1)
+    pooled = g.pooled[0:n]
+    levels = [a[0:n] for a in g.levels]
     sources = [
         {"name": f"{i}.png", "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
         for i in range(n)

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 
 from spade_edge.export.onnx_export import build_feature_model
-from spade_edge.runtime.bench import random_gallery
 from spade_edge.runtime.errors import SpadeError
 from spade_edge.runtime.matchers import open_matcher
 from spade_edge.runtime.preprocess import load_image, preprocess
 from spade_edge.runtime.runners import open_runner
 from spade_edge.runtime.scoring import DEFAULT_SIGMA, GAUSSIAN_TRUNCATE
+from spade_edge.runtime.synthetic import random_gallery
 
 #: cdist output elements per call: bounds memory at any K (wrn50 K=50 would be 2 GB at once)
 CDIST_ELEMENTS = 16 * 1024 * 1024

@@ -22,13 +22,13 @@ import numpy as np
 from spade_edge.runtime.autoselect import select_matcher
 from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.cpu_features import cpu_units
-from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import open_matcher
 from spade_edge.runtime.matchers.exact_lowp import _Int8Engine
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, min_sq_distances, nearest_images
 from spade_edge.runtime.preprocess import load_image, preprocess
 from spade_edge.runtime.runners.ort import OrtRunner
 from spade_edge.runtime.scoring import DEFAULT_SIGMA, combine_levels
+from spade_edge.runtime.synthetic import random_gallery
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -135,18 +135,6 @@ def matching_flops(contract: Contract, k_gallery: int) -> float:
     """FLOPs of the pixel kNN: per level 2·Q·(K·HW)·C (the pooled kNN is negligible)."""
     return float(
         sum(2 * lv.positions * k_gallery * lv.positions * lv.channels for lv in contract.levels)
-    )
-
-
-def random_gallery(contract: Contract, n_images: int, seed: int = 0) -> InMemoryGallery:
-    """A gallery of random features with a model's shapes (for timing only)."""
-    rng = np.random.default_rng(seed)
-    levels = [
-        rng.random((n_images, lv.height, lv.width, lv.channels), dtype=np.float32)
-        for lv in contract.levels
-    ]
-    return InMemoryGallery.from_features(
-        contract, levels, rng.random((n_images, contract.pooled_dim), dtype=np.float32)
     )
 
 

@@ -19,7 +19,8 @@ import simt_device
 import simt_pycuda
 from scipy.ndimage import correlate1d, gaussian_filter1d
 
-from spade_edge.runtime.contract import Contract, Level, resize_for
+from spade_edge.runtime import synthetic
+from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import BackendUnavailableError, CompatibilityError, ConfigError
 from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import cuda as cm
@@ -31,37 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- fakes
 def make_contract(shapes: list[tuple[int, int, int]], pooled_dim: int, size: int) -> Contract:
-    levels = tuple(
-        Level(name=f"l{i}", stride=4 << i, channels=c, height=h, width=w)
-        for i, (h, w, c) in enumerate(shapes)
-    )
-    return Contract(
-        backbone="test",
-        weights="random",
-        levels=levels,
-        pooled_dim=pooled_dim,
-        image_size=size,
-        resize=resize_for(size),
+    return synthetic.shaped_contract(
+        [(f"l{i}", *s) for i, s in enumerate(shapes)], pooled_dim, size, "test"
     )
 
 
 def random_features(rng: np.random.Generator, contract: Contract, n: int) -> Features:
     """Post-ReLU-like features (non-negative, varied scale per channel)."""
-    levels = []
-    for lv in contract.levels:
-        scale = rng.uniform(0.2, 2.0, size=lv.channels).astype(np.float32)
-        a = np.abs(rng.standard_normal((n, lv.height, lv.width, lv.channels), dtype=np.float32))
-        levels.append(a * scale)
-    pooled = np.abs(rng.standard_normal((n, contract.pooled_dim), dtype=np.float32))
-    return Features(levels=levels, pooled=pooled, batch=n)
+    return synthetic.random_features(contract, n, rng, "relu")
 
 
 def make_gallery(
     rng: np.random.Generator, shapes: list[tuple[int, int, int]], pooled_dim: int, n: int, size=32
 ) -> InMemoryGallery:
-    c = make_contract(shapes, pooled_dim, size)
-    f = random_features(rng, c, n)
-    return InMemoryGallery.from_features(c, f.levels, f.pooled)
+    g = synthetic.random_gallery(make_contract(shapes, pooled_dim, size), n, rng, "relu")
+    assert isinstance(g, InMemoryGallery)
+    return g
 
 
 def assert_matches(got, want, rtol: float = 2e-3) -> None:
@@ -460,3 +446,22 @@ def test_profile_times_every_named_stage(gpu: GpuEnv) -> None:
         }
         assert all(isinstance(v, float) and v >= 0.0 for v in m.stage_ms.values())
     assert_matches(got, NumpyMatcher(g, k_image=2, k_gallery=3).score(f))
+
+
+def test_tiled_random_gallery_as_the_benchmark_builds_it(gpu: GpuEnv) -> None:
+    """cuda_bench's gallery (runtime.synthetic, few images repeated lazily) uploads and scores
+    like the same rows held in memory."""
+    c = make_contract([(6, 6, 40), (3, 3, 72)], 48, 32)
+    tiled = synthetic.random_gallery(c, 12, rng=9, features="relu", distinct=4)
+    rows = InMemoryGallery(
+        c,
+        12,
+        tiled.pooled[0:12],
+        tiled.pooled_sqnorms[0:12],
+        [a[0:12] for a in tiled.levels],
+        [a[0:12] for a in tiled.level_sqnorms],
+    )
+    f = random_features(np.random.default_rng(10), c, 1)
+    with cm.CudaMatcher(tiled, k_image=3, k_gallery=5) as m:
+        got = m.score(f)
+    assert_matches(got, NumpyMatcher(rows, k_image=3, k_gallery=5).score(f))

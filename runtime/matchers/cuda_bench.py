@@ -4,8 +4,8 @@ Stages are timed with CUDA events on the matcher's stream (pooled kNN + top-K, e
 fused kernel, upsample + mean + blur, D2H). The fused kernel's rate counts 2·Q·M·C FLOPs
 (Q query positions, M = K·P gallery positions, C channels) and is compared with a cuBLAS fp16
 GEMM of the same shape, measured with CuPy here only, never in the runtime.
-The gallery is random data of the backbone's shapes: a small random block repeated to N images,
-so a 1,000-image wrn50 gallery (2.8 GB) costs no host-side generation time.
+The gallery is random data of the backbone's shapes (runtime.synthetic): 32 random images
+repeated to N, so a 1,000-image wrn50 gallery (2.8 GB) costs no host-side generation time.
 
 Run: ``spade bench --matcher cuda [--k 50] [--n-gallery 1000] [--sweep]`` (the command lives in
 spade_edge.cli.bench; this module is the library part).
@@ -16,15 +16,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
-from spade_edge.runtime.contract import Contract, Level, resize_for
+from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import CompatibilityError
-from spade_edge.runtime.matchers.base import GalleryArrays
 from spade_edge.runtime.matchers.cuda import CudaMatcher, import_driver
 from spade_edge.runtime.runners.base import Features
+from spade_edge.runtime.synthetic import random_gallery, shaped_contract
 
 WRN50: dict[str, Any] = {
     "backbone": "wrn50",
@@ -39,53 +39,6 @@ LITE0: dict[str, Any] = {
     "image_size": 224,
 }
 BACKBONES = {"wrn50": WRN50, "efficientnet_lite0": LITE0, "lite0": LITE0}
-
-
-class _Tiled:
-    """Array-like of ``n`` rows that repeats ``base`` along axis 0 (slices materialise)."""
-
-    def __init__(self, base: np.ndarray, n: int) -> None:
-        self.base = base
-        self.shape = (n, *base.shape[1:])
-        self.dtype = base.dtype
-
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        start, stop, step = sl.indices(self.shape[0])
-        return self.base[np.arange(start, stop, step) % len(self.base)]
-
-
-class _RandomGallery:
-    """GalleryArrays of random post-ReLU-like fp16 features (``distinct`` real images)."""
-
-    def __init__(self, shapes: dict[str, Any], n: int, seed: int = 0, distinct: int = 32) -> None:
-        rng = np.random.default_rng(seed)
-        s = int(shapes["image_size"])
-        levels = tuple(
-            Level(name=name, stride=4 << i, channels=c, height=h, width=w)
-            for i, (name, h, w, c) in enumerate(shapes["levels"])
-        )
-        self.contract = Contract(
-            backbone=str(shapes["backbone"]),
-            weights="random",
-            levels=levels,
-            pooled_dim=int(shapes["pooled"]),
-            image_size=s,
-            resize=resize_for(s),
-        )
-        d = min(n, distinct)
-        self.n_images = n
-        self.path = f"random {shapes['backbone']} gallery"
-        pooled = np.abs(rng.standard_normal((d, self.contract.pooled_dim), dtype=np.float32))
-        p16 = pooled.astype(np.float16)
-        self.pooled = _Tiled(p16, n)
-        self.pooled_sqnorms = _Tiled((p16.astype(np.float32) ** 2).sum(-1), n)
-        self.levels = []
-        self.level_sqnorms = []
-        for lv in levels:
-            a = np.abs(rng.standard_normal((d, lv.height, lv.width, lv.channels), np.float32))
-            a16 = a.astype(np.float16)
-            self.levels.append(_Tiled(a16, n))
-            self.level_sqnorms.append(_Tiled((a16.astype(np.float32) ** 2).sum(-1), n))
 
 
 def _device_query(drv: Any, contract: Contract, seed: int) -> tuple[Features, list[Any]]:
@@ -160,13 +113,13 @@ def bench_cuda_matcher(
     """
     drv = import_driver()
     ks = [k] if isinstance(k, int) else list(k)
-    gal = _RandomGallery(backbone_shapes, n_gallery)
-    contract = gal.contract
+    sh = backbone_shapes
+    contract = shaped_contract(sh["levels"], sh["pooled"], sh["image_size"], str(sh["backbone"]))
+    gal = random_gallery(contract, n_gallery, features="relu", distinct=32)
     gemm_rates: dict[tuple[int, int, int], float | None] = {}
     rows: list[dict[str, Any]] = []
     for kk in ks:
-        # _Tiled arrays index like the fp16 arrays GalleryArrays describes
-        m = CudaMatcher(cast(GalleryArrays, gal), k_image=kk, k_gallery=kk, device=device)
+        m = CudaMatcher(gal, k_image=kk, k_gallery=kk, device=device)
         with m._gpu.active():
             f, keep = _device_query(drv, contract, 0)
         try:
