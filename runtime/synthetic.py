@@ -83,7 +83,7 @@ class TiledRows:
 
     def __init__(self, base: np.ndarray, n: int) -> None:
         self.base = base
-        self.shape = (n, *base.shape[1:])
+        self.shape: tuple[int, ...] = (int(n), *base.shape[1:])
         self.dtype = base.dtype
 
     def __len__(self) -> int:
