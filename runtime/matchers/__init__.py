@@ -8,7 +8,8 @@ from spade_edge.runtime.autoselect import select_matcher
 from spade_edge.runtime.matchers.base import DEFAULT_K, GalleryArrays, Matcher, Score
 from spade_edge.runtime.registry import build_backend
 
-#: backend name -> "module:class". Every matcher takes (gallery, k_image=, k_gallery=, sigma=).
+#: backend name -> "module:class". Every matcher takes (gallery, k_image=, k_gallery=, sigma=)
+#: (base.KnnMatcher) plus its own keyword-only options.
 MATCHERS: dict[str, str] = {
     "numpy": "spade_edge.runtime.matchers.numpy_matcher:NumpyMatcher",
     "cuda": "spade_edge.runtime.matchers.cuda:CudaMatcher",
