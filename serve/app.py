@@ -6,8 +6,10 @@ request's; 503: come back later, with Retry-After; 504: timeout). JSON is strict
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect as _inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -134,8 +136,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import asyncio
-
         loader = None
         if load_in_background:
             loader = asyncio.get_running_loop().run_in_executor(None, _load_quietly, svc)
@@ -300,8 +300,6 @@ def create_app(
 
 
 def _json(body: bytes) -> Any:
-    import json
-
     try:
         return json.loads(body or b"null", parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:

@@ -8,11 +8,15 @@ knows; an unknown key is an error, except in a camera/webhook URL, whose own que
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from spade_edge.runtime.errors import ConfigError
+
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -25,29 +29,25 @@ class Spec:
     options: dict[str, str] = field(default_factory=dict)
 
     def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        """A numeric option (``ConfigError`` naming the spec when it is not a number >= minimum)."""
-        raw = self.options.get(key)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{self.text}: option {key}={raw!r} is not a number") from None
-        if not value >= minimum or value != value or value == float("inf"):
-            raise ConfigError(f"{self.text}: option {key}={raw!r} must be a number >= {minimum}")
-        return value
+        """A finite numeric option >= ``minimum`` (``ConfigError`` naming the spec otherwise)."""
+        return self._option(key, default, minimum, float, "a number")
 
     def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
-        """An integer option (``ConfigError`` naming the spec when it is not an integer)."""
+        """An integer option >= ``minimum`` (``ConfigError`` naming the spec otherwise)."""
+        return self._option(key, default, minimum, int, "an integer")
+
+    def _option(
+        self, key: str, default: N, minimum: N, convert: Callable[[str], N], what: str
+    ) -> N:
         raw = self.options.get(key)
         if raw is None:
             return default
         try:
-            value = int(raw)
+            value = convert(raw)
         except ValueError:
-            raise ConfigError(f"{self.text}: option {key}={raw!r} is not an integer") from None
-        if value < minimum:
-            raise ConfigError(f"{self.text}: option {key}={raw!r} must be >= {minimum}")
+            raise ConfigError(f"{self.text}: option {key}={raw!r} is not {what}") from None
+        if not (math.isfinite(value) and value >= minimum):
+            raise ConfigError(f"{self.text}: option {key}={raw!r} must be {what} >= {minimum}")
         return value
 
 

@@ -21,14 +21,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_support import (
-    free_port,
-    make_gallery,
-    normal_array,
-    png_bytes,
-    serve_argv,
-    server_process,
-)
+import serve_support
+from serve_support import make_gallery, normal_array, png_bytes, server_process
 from station_helpers import wait_until
 
 N_FILES = 40
@@ -109,7 +103,9 @@ def test_cli_bad_spec_is_one_line_before_loading(artifacts, tmp_path, spec, need
         busy.listen()
         port = busy.getsockname()[1]
         spec, needle = spec.format(busy=port), needle.format(busy=port)
-        argv = serve_argv(model, gallery, tmp_path / "a", free_port(), spec)
+        argv = serve_support.serve_argv(
+            model, gallery, tmp_path / "a", serve_support.free_port(), spec
+        )
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr

@@ -1,8 +1,8 @@
 """Sources at unit level: watch-folder rules, camera on a generated video, GenICam test double.
 
-The inspector here is a stand-in at the ``InspectionService.inspect`` boundary (decode with
-Pillow, record, notify); the watch folder against the real spade-serve process (kill -9 in the
-middle of a stream) is in test_station_serve.py.
+The inspector here is a stand-in at the ``InspectionService.inspect`` boundary (the real
+signature, the runtime's decoder, a record); the watch folder against the real spade-serve
+process (kill -9 in the middle of a stream) is in test_station_process.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import types
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +21,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_edge.runtime.errors import ImageDecodeError, InputError
+from spade_edge.runtime.errors import InputError
+from spade_edge.runtime.preprocess import decode_image
 from spade_edge.station.sources.base import FrameGate
 from spade_edge.station.sources.watch import WatchFolder
 
+pytest.importorskip("fastapi")  # the service (the [serve] extra) defines what sources may call
+from spade_edge.serve.service import InspectionService
+
+SERVICE_INSPECT = signature(InspectionService.inspect)
+
 
 class Recorder:
-    """Decodes like the service would (bad bytes -> ImageDecodeError) and remembers each part."""
+    """Takes what ``InspectionService.inspect`` takes (a keyword it does not know fails here
+    too), decodes with the runtime's decoder (bad bytes -> ImageDecodeError), records each part.
+    """
 
     def __init__(self) -> None:
         self.parts: list[dict[str, Any]] = []
         self.archive = self
 
-    async def inspect(
-        self,
-        data: bytes,
-        *,
-        part_id: str | None = None,
-        station: str | None = None,
-        source: str = "http",
-        source_file: str | None = None,
-    ) -> dict[str, Any]:
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except Exception as e:
-            raise ImageDecodeError(f"{source_file}: not an image ({e})") from None
+    async def inspect(self, data: bytes, **meta: Any) -> dict[str, Any]:
+        call = SERVICE_INSPECT.bind(self, data, **meta)
+        call.apply_defaults()
+        kw = call.arguments
+        img = decode_image(io.BytesIO(data), kw["source_file"] or "<frame>")
         r = {
             "id": len(self.parts) + 1,
-            "part_id": part_id,
-            "source": source,
-            "source_file": source_file,
+            "part_id": kw["part_id"],
+            "source": kw["source"],
+            "source_file": kw["source_file"],
             "size": img.size,
             "mean": float(np.asarray(img).mean()),
         }
@@ -114,7 +114,7 @@ def test_watch_scores_once_in_arrival_order_and_sorts_out(tmp_path: Path) -> Non
     assert all(p["source"] == "watch" for p in svc.parts)
     assert sorted(p.name for p in (d / "done").iterdir()) == sorted(names)
     err = (d / "failed" / "broken.png.error.txt").read_text()
-    assert "broken.png" in err and "not an image" in err
+    assert "broken.png" in err and "corrupt or truncated image" in err  # the decoder says why
     assert (d / "partial.png.tmp").exists()  # temporary names are never taken
     assert src.scored == 3 and src.failed == 1
 

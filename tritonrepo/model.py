@@ -26,8 +26,15 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "site").is_dir() and str(_HERE / "site") not in sys.path:
     sys.path.insert(0, str(_HERE / "site"))
 
+# below the site/ insert, so a bundled version's own spade_edge is the one imported
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # noqa: E402
+
+import spade_edge.runtime as rt  # noqa: E402
+from spade_edge.runtime.detector import Detector  # noqa: E402
+from spade_edge.runtime.errors import SpadeError  # noqa: E402
+from spade_edge.runtime.preprocess import Geometry, Prepared, prepare_bytes  # noqa: E402
+from spade_edge.runtime.runners import open_runner  # noqa: E402
 
 MANIFEST = "spade.json"
 
@@ -44,9 +51,6 @@ class TritonPythonModel:
     """One instance: a Detector (role ``spade``) or a runner (role ``spade_backbone``)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        from spade_edge.runtime.detector import Detector
-        from spade_edge.runtime.runners import open_runner
-
         version_dir = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((version_dir / MANIFEST).read_text())
         config = json.loads(args["model_config"])
@@ -83,8 +87,6 @@ class TritonPythonModel:
             s = self.contract.image_size
             self.detector.score_prepared([_blank(s)])
         self._counters = _counters(self.role, args["model_name"], args["model_version"])
-        import spade_edge.runtime as rt
-
         pb_utils.Logger.log_info(
             f"spade {self.role} v{args['model_version']}: {side['backend']} + "
             f"{side.get('matcher', '-')} on {'GPU ' + str(dev) if gpu else 'CPU'}; "
@@ -98,8 +100,6 @@ class TritonPythonModel:
 
     # -- role spade_backbone ---------------------------------------------------------------
     def _features(self, request: Any) -> Any:
-        from spade_edge.runtime.errors import SpadeError
-
         x = pb_utils.get_input_tensor_by_name(request, self.contract.input_name).as_numpy()
         try:
             f = self.runner.infer(np.ascontiguousarray(x, dtype=np.float32)).to_host()
@@ -116,9 +116,6 @@ class TritonPythonModel:
 
     # -- role spade -------------------------------------------------------------------------
     def _inspect(self, requests: list[Any]) -> list[Any]:
-        from spade_edge.runtime.errors import SpadeError
-        from spade_edge.runtime.preprocess import prepare_bytes
-
         responses: list[Any] = [None] * len(requests)
         todo: list[tuple[int, list[Any]]] = []
         for i, request in enumerate(requests):
@@ -200,7 +197,5 @@ def _counters(role: str, model: str, version: str) -> dict[str, Any]:
 
 
 def _blank(size: int) -> Any:
-    from spade_edge.runtime.preprocess import Geometry, Prepared
-
     t = np.zeros((3, size, size), dtype=np.float32)
     return Prepared(t, Geometry(size, size, size, size, 0, 0, size), np.zeros((1, 1, 3)), "warm")

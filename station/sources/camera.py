@@ -10,6 +10,7 @@ are read on a worker thread; a live input that fails is reopened with backoff (1
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,6 @@ class Camera:
         else:
             t = None
         rgb = frame[..., ::-1] if frame.ndim == 3 else frame
-        import time
-
         return rgb, (time.monotonic() if t is None else t)
 
     async def run(self, service: Any) -> None:

@@ -61,6 +61,28 @@ async function api(path, opts = {}) {
   return { ok: res.ok, status: res.status, body };
 }
 
+// GET a JSON endpoint: its body, or null when it failed (the page keeps what it shows).
+async function getBody(path) {
+  const r = await api(path).catch(() => null);
+  return r && r.ok && r.body ? r.body : null;
+}
+
+// GET /v1/results?QUERY: the result rows, [] when it failed.
+async function getResults(query) {
+  const body = await getBody(`/v1/results?${query}`);
+  if (!body) return [];
+  return Array.isArray(body) ? body : body.results || [];
+}
+
+// fn runs at most once per `ms` however often it is asked for (a burst of results).
+function debounced(fn, ms) {
+  let timer = null;
+  return () => {
+    if (timer) return;
+    timer = setTimeout(() => { timer = null; fn(); }, ms);
+  };
+}
+
 function errorText(r) {
   if (r.body && typeof r.body === "object") {
     const e = r.body.error ?? r.body.detail;
@@ -120,16 +142,11 @@ function addResult(r, { live = true, card = true } = {}) {
 }
 
 // ---------------------------------------------------------------- counters
-let summaryTimer = null;
-function scheduleSummary() {
-  if (summaryTimer) return;
-  summaryTimer = setTimeout(() => { summaryTimer = null; loadSummary(); }, 300);
-}
+const scheduleSummary = debounced(() => loadSummary(), 300);
 
 async function loadSummary() {
-  const r = await api("/v1/station").catch(() => null);
-  if (!r || !r.ok || !r.body) return;
-  const s = r.body;
+  const s = await getBody("/v1/station");
+  if (!s) return;
   $("station-name").textContent = s.station || "station";
   document.title = `${s.station || "station"} · spade-edge`;
   $("c-parts").textContent = String(s.parts);
@@ -203,17 +220,12 @@ function drawPlot() {
 }
 
 // ---------------------------------------------------------------- gallery
-let galleryTimer = null;
-function scheduleGallery() {
-  if (galleryTimer) return;
-  galleryTimer = setTimeout(() => { galleryTimer = null; loadGallery(); }, 300);
-}
+const scheduleGallery = debounced(() => loadGallery(), 300);
 
 async function loadGallery() {
-  const r = await api("/v1/gallery").catch(() => null);
-  if (!r || !r.ok || !r.body) return;
-  state.gallery = r.body;
-  const g = r.body;
+  const g = await getBody("/v1/gallery");
+  if (!g) return;
+  state.gallery = g;
   if (g.threshold != null) { state.threshold = g.threshold; drawPlot(); }
   $("c-gallery").textContent = `v${g.current} · ${g.n_images} images`;
   const tbody = $("versions").tBodies[0];
@@ -407,8 +419,7 @@ function setConn(text, cls) {
 async function catchUp() {
   // After a (re)connect: whatever was archived while the stream was down, in id order.
   for (let i = 0; i < 20; i++) {
-    const r = await api(`/v1/results?since_id=${state.lastId}&limit=100`).catch(() => null);
-    const rows = r && r.ok && r.body ? (Array.isArray(r.body) ? r.body : r.body.results || []) : [];
+    const rows = await getResults(`since_id=${state.lastId}&limit=100`);
     rows.forEach((x, i) => addResult(x, { live: false, card: i >= rows.length - MAX_CARDS }));
     if (rows.length < 100) break;
   }
@@ -441,8 +452,7 @@ async function init() {
   $("rv-close").addEventListener("click", () => $("review").close());
   $("review").addEventListener("click", (ev) => { if (ev.target === $("review")) $("review").close(); });
   window.addEventListener("resize", drawPlot);
-  const first = await api("/v1/results?limit=" + MAX_POINTS).catch(() => null);
-  const rows = first && first.ok && first.body ? (Array.isArray(first.body) ? first.body : first.body.results || []) : [];
+  const rows = await getResults(`limit=${MAX_POINTS}`);
   rows.forEach((x, i) => addResult(x, { live: false, card: i >= rows.length - MAX_CARDS }));
   await Promise.all([loadSummary(), loadGallery()]);
   drawPlot();
