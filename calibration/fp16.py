@@ -10,29 +10,19 @@ ONNX Runtime CPU runs the result too (its parity with fp32 is checked here), but
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spade_edge.calibration.int8 import read_normal_images
-from spade_edge.calibration.lineage import (
-    CHECK_QUERIES,
-    CHECK_REFERENCE,
-    DEFAULT_TOLERANCES,
-    accuracy_check,
-    make_lineage,
-    save_model_atomic,
-    set_lineage,
-    stamp_derived,
-)
+from spade_edge.calibration.derive import derive_model, parity, read_normal_images
+from spade_edge.calibration.lineage import CHECK_QUERIES, CHECK_REFERENCE, accuracy_check, not_run
 from spade_edge.runtime.errors import ExportError, InputError
-from spade_edge.runtime.model_meta import read_model_info
-from spade_edge.runtime.runners.ort import OrtRunner
+from spade_edge.runtime.model_meta import ModelInfo
 
 #: Largest relative error (max|fp16 - fp32| / max|fp32| per output, seeded random batch)
 #: accepted at conversion: a guard against broken conversions (overflow, a mis-typed node),
@@ -54,22 +44,6 @@ def fp16_block_list(extra: Iterable[str] = ()) -> list[str]:
     return sorted({*DEFAULT_OP_BLOCK_LIST, *EXTRA_FP32_OPS, *extra})
 
 
-def parity(parent: str | Path, derived: str | Path, x: np.ndarray) -> dict[str, float]:
-    """Per-output relative error max|derived - parent| / max|parent| on batch ``x`` (ORT CPU)."""
-    a, b = OrtRunner(parent), OrtRunner(derived)
-    try:
-        fa, fb = a.infer(x), b.infer(x)
-        names = a.contract.output_names
-    finally:
-        a.close()
-        b.close()
-    out = {}
-    for name, p, d in zip(names, [*fa.levels, fa.pooled], [*fb.levels, fb.pooled], strict=True):
-        scale = float(np.abs(p).max())
-        out[name] = float(np.abs(d - p).max() / scale) if scale > 0 else float(np.abs(d).max())
-    return out
-
-
 def convert_fp16(
     src: str | Path,
     dst: str | Path,
@@ -85,40 +59,46 @@ def convert_fp16(
     check on held-out normal images that decides whether the fp16 model may reuse galleries
     packed with the parent (lineage, docs/precision.md); without it, it may not.
     """
-    import onnx
-    from onnxconverter_common.float16 import convert_float_to_float16
+    step = _Fp16Step(fp16_block_list(op_block_list), check_dir, seed)
+    return derive_model(src, dst, step).path
 
-    t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    info = read_model_info(src)  # FormatError for a model without the spade contract
-    if info.contract.precision != "fp32":
-        raise InputError(
-            f"{src}: is already a {info.contract.precision} model; convert the fp32 parent"
-        )
-    blocked = fp16_block_list(op_block_list)
-    try:
-        with warnings.catch_warnings():  # one warning per tiny weight clamped to 1e-7: noise
-            warnings.simplefilter("ignore", UserWarning)
-            model = convert_float_to_float16(
-                onnx.load(str(src)),
-                keep_io_types=True,
-                op_block_list=blocked,
-                disable_shape_infer=False,
-            )
-    except Exception as e:  # the converter raises bare ValueError/KeyError on odd graphs
-        raise ExportError(f"{src}: fp16 conversion failed: {e}") from None
-    s = info.contract.image_size
-    x = np.random.default_rng(seed).standard_normal((PARITY_BATCH, 3, s, s), dtype=np.float32)
-    contract, fingerprint = stamp_derived(
-        model, info, "fp16", {"fp16": {"fp32_ops": blocked, "io": "float32"}}
-    )
-    folder = dst.parent if str(dst.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".spade-fp16-", dir=folder) as tmp:
-        tmp_model = Path(tmp) / "fp16.onnx"
-        save_model_atomic(model, tmp_model)
+
+@dataclass
+class _Fp16Step:
+    """The fp16 step of ``derive_model``: convert, guard parity, check on normal images."""
+
+    blocked: list[str]
+    check_dir: str | Path | None
+    seed: int
+    started: float = field(default_factory=time.perf_counter)
+    random_batch_rel: dict[str, float] = field(default_factory=dict)  # set by check
+    precision = "fp16"
+    verb = "convert"
+
+    def build(self, parent: ModelInfo) -> tuple[Any, dict[str, Any]]:
+        import onnx
+        from onnxconverter_common.float16 import convert_float_to_float16
+
         try:
-            rel = parity(src, tmp_model, x)
+            with warnings.catch_warnings():  # one warning per tiny weight clamped to 1e-7: noise
+                warnings.simplefilter("ignore", UserWarning)
+                model = convert_float_to_float16(
+                    onnx.load(str(parent.path)),
+                    keep_io_types=True,
+                    op_block_list=self.blocked,
+                    disable_shape_infer=False,
+                )
+        except Exception as e:  # the converter raises bare ValueError/KeyError on odd graphs
+            raise ExportError(f"{parent.path}: fp16 conversion failed: {e}") from None
+        return model, {"fp16": {"fp32_ops": self.blocked, "io": "float32"}}
+
+    def check(self, parent: ModelInfo, candidate: Path, dst: Path) -> dict[str, Any]:
+        s = parent.contract.image_size
+        x = np.random.default_rng(self.seed).standard_normal(
+            (PARITY_BATCH, 3, s, s), dtype=np.float32
+        )
+        try:
+            self.random_batch_rel = rel = parity(parent.path, candidate, x)
         except Exception as e:
             if isinstance(e, InputError):
                 raise
@@ -130,34 +110,25 @@ def convert_fp16(
                 f"{dst}: fp16 parity check failed: output {worst} differs from fp32 by "
                 f"{rel[worst]:.2e} relative (limit {FP16_GUARD_RTOL:.0e}); nothing written"
             )
-        check = _check(src, tmp_model, check_dir, info.contract, seed)
-    tool = {
-        "tool": "spade_edge.calibration.fp16",
-        "parity_random_batch": rel,
-        "check_dir_given": check_dir is not None,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    lineage = make_lineage(info, fingerprint, "fp16", check, tool, derived_contract=contract)
-    set_lineage(model, lineage)
-    return save_model_atomic(model, dst)
+        if self.check_dir is None:
+            return not_run("no normal images given for the accuracy check (check_dir)")
+        imgs = read_normal_images(
+            self.check_dir, parent.contract, CHECK_REFERENCE + CHECK_QUERIES, self.seed, "check"
+        )
+        n_q = min(CHECK_QUERIES, len(imgs.paths) // 2)
+        check = accuracy_check(
+            parent.path, candidate, imgs.tensors[:n_q], imgs.tensors[n_q:], "fp16"
+        )
+        check["skipped_images"] = len(imgs.skipped)
+        return check
 
-
-def _check(
-    src: Path, derived: Path, check_dir: str | Path | None, contract: Any, seed: int
-) -> dict[str, Any]:
-    if check_dir is None:
+    def tool(self) -> dict[str, Any]:
         return {
-            "run": False,
-            "passed": False,
-            "reason": "no normal images given for the accuracy check (check_dir)",
-            "failed": ["not run"],
+            "tool": "spade_edge.calibration.fp16",
+            "parity_random_batch": self.random_batch_rel,
+            "check_dir_given": self.check_dir is not None,
+            "seconds": round(time.perf_counter() - self.started, 3),
         }
-    imgs = read_normal_images(check_dir, contract, CHECK_REFERENCE + CHECK_QUERIES, seed, "check")
-    n_q = min(CHECK_QUERIES, len(imgs.paths) // 2)
-    queries, reference = imgs.tensors[:n_q], imgs.tensors[n_q:]
-    check = accuracy_check(src, derived, queries, reference, "fp16", DEFAULT_TOLERANCES["fp16"])
-    check["skipped_images"] = len(imgs.skipped)
-    return check
 
 
-__all__ = ["EXTRA_FP32_OPS", "FP16_GUARD_RTOL", "convert_fp16", "fp16_block_list", "parity"]
+__all__ = ["EXTRA_FP32_OPS", "FP16_GUARD_RTOL", "convert_fp16", "fp16_block_list"]

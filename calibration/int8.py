@@ -33,25 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from spade_edge.calibration.derive import ImageSet, derive_model, read_normal_images
 from spade_edge.calibration.lineage import (
     CHECK_QUERIES,
     CHECK_REFERENCE,
-    DEFAULT_TOLERANCES,
     MIN_CHECK_QUERIES,
     accuracy_check,
-    make_lineage,
-    save_model_atomic,
-    set_lineage,
-    stamp_derived,
 )
-from spade_edge.runtime.errors import (
-    CalibrationError,
-    ConfigError,
-    ImageDecodeError,
-    InputError,
-)
-from spade_edge.runtime.model_meta import ModelInfo, read_model_info
-from spade_edge.runtime.preprocess import list_images, prepare_path
+from spade_edge.runtime.errors import CalibrationError, ConfigError
+from spade_edge.runtime.model_meta import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +67,6 @@ _LAYOUT_OPS = frozenset(
 )  # fmt: skip
 
 
-class UnreadableImageWarning(UserWarning):
-    """A calibration / check image could not be decoded and was skipped."""
-
-
-@dataclass
-class ImageSet:
-    """Decoded, preprocessed normal images and what was skipped on the way."""
-
-    tensors: np.ndarray  # float32 [N, 3, S, S]
-    paths: list[Path]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    available: int = 0  # image files found in the folder
-
-
 @dataclass
 class Int8Report:
     """What ``quantize_int8`` wrote and how close it is to the fp32 parent."""
@@ -111,41 +87,6 @@ class Int8Report:
     gallery_compatible: bool
     seconds: float
     bytes: int
-
-
-def read_normal_images(
-    folder: str | Path, contract: Any, want: int, seed: int = 0, what: str = "calibration"
-) -> ImageSet:
-    """Decode up to ``want`` images of ``folder`` in a seeded random order through the contract.
-
-    Random (not first-N) so consecutive, similar captures do not dominate; seeded so the same
-    folder always gives the same model. Unreadable files are skipped with an
-    ``UnreadableImageWarning`` and counted; the caller decides whether enough remain.
-    """
-    folder = Path(folder)
-    try:
-        paths = list_images([folder])
-    except InputError as e:
-        raise CalibrationError(f"{what} images: {e}") from None
-    order = np.random.default_rng(seed).permutation(len(paths))
-    tensors: list[np.ndarray] = []
-    used: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    for i in order:
-        if len(tensors) >= want:
-            break
-        p = paths[int(i)]
-        try:
-            tensors.append(prepare_path(p, contract).tensor)
-        except (ImageDecodeError, InputError) as e:
-            skipped.append((str(p), str(e)))
-            warnings.warn(f"{what}: skipped unreadable image {e}", UnreadableImageWarning, 2)
-            log.warning("%s: skipped unreadable image %s", what, e)
-            continue
-        used.append(p)
-    s = contract.image_size
-    arr = np.stack(tensors) if tensors else np.zeros((0, 3, s, s), np.float32)
-    return ImageSet(arr, used, skipped, len(paths))
 
 
 class _Reader:
@@ -285,49 +226,168 @@ def quantize_int8(
     ``method``: minmax | entropy | percentile. ``target``: trt | cpu (module docstring).
     """
     t0 = time.perf_counter()
-    src, dst, calib_dir = Path(src), Path(dst), Path(calib_dir)
     method = method.lower()
     n_calib = _check_options(method, target, keep_float, num_images, percentile)
-    info = read_model_info(src)  # FormatError for a model without the spade contract
-    if info.contract.precision != "fp32":
-        raise InputError(
-            f"{src}: is already a {info.contract.precision} model; quantize the fp32 parent"
-        )
-    if not calib_dir.is_dir():
-        raise CalibrationError(f"{calib_dir}: calibration folder not found (need normal images)")
-
-    images = read_normal_images(calib_dir, info.contract, n_calib + CHECK_QUERIES, seed)
-    calib, hold = _split_calibration(images, calib_dir)
-    n_hold = len(hold)
-
-    model, excluded, n_quant = _quantize(
-        src, info, calib, method, target, keep_float, percentile, preprocess
+    step = _Int8Step(
+        Path(calib_dir), n_calib, method, target, keep_float, percentile, preprocess, seed
     )
-    counts = (len(calib), n_hold, len(images.skipped), len(excluded))
-    tool, quant_info = _provenance(method, target, keep_float, percentile, seed, *counts)
-    contract, fingerprint = stamp_derived(model, info, "int8", {"quantization": quant_info})
-    check = _check_and_write(model, info, dst, hold, calib[:CHECK_REFERENCE], "int8")
-    lineage = make_lineage(info, fingerprint, "int8", check, tool, derived_contract=contract)
-    set_lineage(model, lineage)
-    save_model_atomic(model, dst)
+    derived = derive_model(src, dst, step)
+    lineage = derived.lineage
     return Int8Report(
-        path=dst,
-        fingerprint=fingerprint,
-        parent_fingerprint=info.fingerprint,
+        path=derived.path,
+        fingerprint=lineage.fingerprint,
+        parent_fingerprint=lineage.parent_fingerprint,
         method=method,
         target=target,
         keep_float=keep_float,
-        calib_images=len(calib),
-        holdout_images=n_hold,
-        skipped=images.skipped,
-        excluded_nodes=excluded,
-        quantized_nodes=n_quant,
-        check=check,
+        calib_images=len(step.calib),
+        holdout_images=len(step.hold),
+        skipped=step.skipped,
+        excluded_nodes=step.excluded,
+        quantized_nodes=step.quantized,
+        check=lineage.check,
         passed=lineage.passed,
         gallery_compatible=lineage.gallery_compatible,
         seconds=time.perf_counter() - t0,
-        bytes=dst.stat().st_size,
+        bytes=derived.path.stat().st_size,
     )
+
+
+@dataclass
+class _Int8Step:
+    """The INT8 step of ``derive_model``: calibrate on normal images, check on held-out ones."""
+
+    calib_dir: Path
+    n_calib: int
+    method: str
+    target: str
+    keep_float: str
+    percentile: float
+    preprocess: bool
+    seed: int
+    # set by build
+    calib: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    hold: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    quantized: int = 0
+    precision = "int8"
+    verb = "quantize"
+
+    def build(self, parent: ModelInfo) -> tuple[Any, dict[str, Any]]:
+        if not self.calib_dir.is_dir():
+            raise CalibrationError(
+                f"{self.calib_dir}: calibration folder not found (need normal images)"
+            )
+        want = self.n_calib + CHECK_QUERIES
+        images = read_normal_images(self.calib_dir, parent.contract, want, self.seed)
+        self.calib, self.hold = _split_calibration(images, self.calib_dir)
+        self.skipped = images.skipped
+        model, self.excluded, self.quantized = self._quantize(parent)
+        quant_info = {
+            "method": self.method,
+            "target": self.target,
+            "keep_float": self.keep_float,
+            "calib_images": len(self.calib),
+            "activations": "int8 symmetric" if self.target == "trt" else "uint8 asymmetric",
+            "weights": "int8 symmetric per-channel",
+            "bias": "float" if self.target == "trt" else "int32",
+            "float_nodes": len(self.excluded),
+        }
+        return model, {"quantization": quant_info}
+
+    def check(self, parent: ModelInfo, candidate: Path, dst: Path) -> dict[str, Any]:
+        reference = self.calib[:CHECK_REFERENCE]
+        return accuracy_check(parent.path, candidate, self.hold, reference, "int8")
+
+    def tool(self) -> dict[str, Any]:
+        tool: dict[str, Any] = {
+            "tool": "spade_edge.calibration.int8",
+            "method": self.method,
+            "target": self.target,
+            "keep_float": self.keep_float,
+            "calib_images": len(self.calib),
+            "holdout_images": len(self.hold),
+            "skipped_images": len(self.skipped),
+            "seed": self.seed,
+        }
+        if self.method == "percentile":
+            tool["percentile"] = self.percentile
+        return tool
+
+    def _quantize(self, parent: ModelInfo) -> tuple[Any, list[str], int]:
+        """quant_pre_process + quantize_static in a temp folder; returns (model, excluded, #Q)."""
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src = parent.path
+        cm = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+        with tempfile.TemporaryDirectory(prefix="spade-int8-") as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            if self.preprocess:
+                try:
+                    quant_pre_process(str(src), str(pre))
+                except Exception as e:  # ORT raises plain exceptions; fall back to the raw model
+                    log.warning("%s: quant_pre_process failed (%s); quantizing as exported", src, e)
+                    pre.write_bytes(src.read_bytes())
+            else:
+                pre.write_bytes(src.read_bytes())
+            m = onnx.load(str(pre))
+            lv = [lv.name for lv in parent.contract.levels]
+            excluded = float_nodes(m, self.keep_float, lv, parent.contract.pooled_name)
+            onnx.save(m, str(pre))
+            del m
+            extra: dict[str, Any] = {
+                "WeightSymmetric": True,
+                "CalibStridedMinMax": 1,  # collect per batch: bounded memory for every method
+            }
+            if self.target == "trt":
+                extra.update(ActivationSymmetric=True, QuantizeBias=False)
+                act = QuantType.QInt8
+            else:
+                act = QuantType.QUInt8
+            if self.method == "percentile":
+                extra["CalibPercentile"] = self.percentile
+            out = Path(tmp) / "int8.onnx"
+            reader = _Reader(self.calib, parent.contract.input_name)
+            ort_log = logging.getLogger("root")
+            level = ort_log.level
+            try:
+                ort_log.setLevel(logging.ERROR)  # quantize_static warns through the root logger
+                with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print
+                    quantize_static(
+                        str(pre),
+                        str(out),
+                        reader,
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        reduce_range=False,
+                        activation_type=act,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded,
+                        calibrate_method=cm,
+                        extra_options=extra,
+                    )
+            except (ValueError, RuntimeError) as e:
+                raise CalibrationError(f"{src}: INT8 quantization failed: {e}") from None
+            finally:
+                ort_log.setLevel(level)
+            model = onnx.load(str(out))
+        bypass_qdq(model, excluded)
+        n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+        if n_q == 0:
+            raise CalibrationError(f"{src}: INT8 quantization inserted no QuantizeLinear node")
+        return model, excluded, n_q
 
 
 def _check_options(
@@ -370,139 +430,9 @@ def _split_calibration(images: ImageSet, calib_dir: Path) -> tuple[np.ndarray, n
             f"{MIN_CALIB_IMAGES + MIN_CHECK_QUERIES}+); the INT8 model will not be allowed to "
             "reuse galleries of its fp32 parent",
             UserWarning,
-            3,  # the caller of quantize_int8
+            5,  # the caller of quantize_int8 (via derive_model and the step's build)
         )
     return calib, hold
-
-
-def _provenance(
-    method: str,
-    target: str,
-    keep_float: str,
-    percentile: float,
-    seed: int,
-    n_calib: int,
-    n_hold: int,
-    n_skipped: int,
-    n_float: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the lineage's tool record, the contract's ``quantization`` entry)."""
-    tool: dict[str, Any] = {
-        "tool": "spade_edge.calibration.int8",
-        "method": method,
-        "target": target,
-        "keep_float": keep_float,
-        "calib_images": n_calib,
-        "holdout_images": n_hold,
-        "skipped_images": n_skipped,
-        "seed": seed,
-    }
-    if method == "percentile":
-        tool["percentile"] = percentile
-    quant_info = {
-        **{k: tool[k] for k in ("method", "target", "keep_float", "calib_images")},
-        "activations": "int8 symmetric" if target == "trt" else "uint8 asymmetric",
-        "weights": "int8 symmetric per-channel",
-        "bias": "float" if target == "trt" else "int32",
-        "float_nodes": n_float,
-    }
-    return tool, quant_info
-
-
-def _check_and_write(
-    model: Any, info: ModelInfo, dst: Path, queries: np.ndarray, reference: np.ndarray, prec: str
-) -> dict[str, Any]:
-    """Run the accuracy check on a temporary copy of the derived model (next to ``dst``)."""
-    folder = dst.parent if str(dst.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=".spade-check-", dir=folder) as tmp:
-        tmp_model = Path(tmp) / "derived.onnx"
-        save_model_atomic(model, tmp_model)
-        return accuracy_check(
-            info.path, tmp_model, queries, reference, prec, DEFAULT_TOLERANCES[prec]
-        )
-
-
-def _quantize(
-    src: Path,
-    info: ModelInfo,
-    calib: np.ndarray,
-    method: str,
-    target: str,
-    keep_float: str,
-    percentile: float,
-    preprocess: bool,
-) -> tuple[Any, list[str], int]:
-    """quant_pre_process + quantize_static in a temp folder; returns (model, excluded, #Q)."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    cm = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[method]
-    with tempfile.TemporaryDirectory(prefix="spade-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        if preprocess:
-            try:
-                quant_pre_process(str(src), str(pre))
-            except Exception as e:  # ORT raises plain exceptions; fall back to the raw model
-                log.warning("%s: quant_pre_process failed (%s); quantizing as exported", src, e)
-                pre.write_bytes(src.read_bytes())
-        else:
-            pre.write_bytes(src.read_bytes())
-        m = onnx.load(str(pre))
-        lv = [lv.name for lv in info.contract.levels]
-        excluded = float_nodes(m, keep_float, lv, info.contract.pooled_name)
-        onnx.save(m, str(pre))
-        del m
-        extra: dict[str, Any] = {
-            "WeightSymmetric": True,
-            "CalibStridedMinMax": 1,  # collect per batch: bounded memory for every method
-        }
-        if target == "trt":
-            extra.update(ActivationSymmetric=True, QuantizeBias=False)
-            act = QuantType.QInt8
-        else:
-            act = QuantType.QUInt8
-        if method == "percentile":
-            extra["CalibPercentile"] = percentile
-        out = Path(tmp) / "int8.onnx"
-        reader = _Reader(calib, info.contract.input_name)
-        ort_log = logging.getLogger("root")
-        level = ort_log.level
-        try:
-            ort_log.setLevel(logging.ERROR)  # quantize_static warns through the root logger
-            with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print
-                quantize_static(
-                    str(pre),
-                    str(out),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    reduce_range=False,
-                    activation_type=act,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded,
-                    calibrate_method=cm,
-                    extra_options=extra,
-                )
-        except (ValueError, RuntimeError) as e:
-            raise CalibrationError(f"{src}: INT8 quantization failed: {e}") from None
-        finally:
-            ort_log.setLevel(level)
-        model = onnx.load(str(out))
-    bypass_qdq(model, excluded)
-    n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
-    if n_q == 0:
-        raise CalibrationError(f"{src}: INT8 quantization inserted no QuantizeLinear node")
-    return model, excluded, n_q
 
 
 __all__ = [
@@ -511,10 +441,7 @@ __all__ = [
     "METHODS",
     "MIN_CALIB_IMAGES",
     "TARGETS",
-    "ImageSet",
     "Int8Report",
-    "UnreadableImageWarning",
     "float_nodes",
     "quantize_int8",
-    "read_normal_images",
 ]

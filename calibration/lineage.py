@@ -80,6 +80,19 @@ DEFAULT_TOLERANCES: dict[str, Tolerances] = {
 # ----------------------------------------------------------------------- the accuracy check
 
 
+def relative_error(derived: np.ndarray, parent: np.ndarray) -> float:
+    """max|derived - parent| / max|parent| (the project's parity measure); the absolute error
+    where the parent output is all zero, so a deviation from zero still shows."""
+    scale = float(np.abs(parent).max())
+    diff = float(np.abs(derived - parent).max())
+    return diff / scale if scale > 0 else diff
+
+
+def not_run(reason: str) -> dict[str, Any]:
+    """The check record of an accuracy check that could not run (no gallery reuse)."""
+    return {"run": False, "passed": False, "reason": reason, "failed": ["not run"]}
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
@@ -142,15 +155,10 @@ def accuracy_check(
     """
     tol = tolerances or DEFAULT_TOLERANCES[precision]
     if len(queries) < MIN_CHECK_QUERIES or len(reference) < MIN_CHECK_REFERENCE:
-        return {
-            "run": False,
-            "passed": False,
-            "reason": (
-                f"too few held-out normal images ({len(queries)} queries, {len(reference)} "
-                f"reference; need {MIN_CHECK_QUERIES} and {MIN_CHECK_REFERENCE})"
-            ),
-            "failed": ["not run"],
-        }
+        return not_run(
+            f"too few held-out normal images ({len(queries)} queries, {len(reference)} "
+            f"reference; need {MIN_CHECK_QUERIES} and {MIN_CHECK_REFERENCE})"
+        )
     pr = OrtRunner(parent)
     dr = OrtRunner(derived)
     try:
@@ -165,9 +173,8 @@ def accuracy_check(
     outputs: dict[str, dict[str, float]] = {}
     names = contract.output_names
     for name, p, dd in zip(names, [*p_levels, p_pooled], [*d_levels, d_pooled], strict=True):
-        scale = float(np.abs(p).max())
         outputs[name] = {
-            "max_rel": float(np.abs(dd - p).max() / scale) if scale > 0 else 0.0,
+            "max_rel": relative_error(dd, p),
             "min_cosine": min(_cosine(dd[i], p[i]) for i in range(len(p))),
         }
     ps, pmaps = spade_scores(contract, g_levels, g_pooled, p_levels, p_pooled)
@@ -282,7 +289,9 @@ __all__ = [
     "accuracy_check",
     "graph_fingerprint",
     "make_lineage",
+    "not_run",
     "read_lineage",
+    "relative_error",
     "save_model_atomic",
     "spade_scores",
     "stamp_derived",

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from spade_edge.calibration import fp16 as fp16_mod
+from spade_edge.calibration.derive import parity
 from spade_edge.calibration.fp16 import convert_fp16, fp16_block_list
-from spade_edge.calibration.lineage import graph_fingerprint, read_lineage
+from spade_edge.calibration.lineage import graph_fingerprint, read_lineage, relative_error
 from spade_edge.runtime.errors import ExportError, FormatError, InputError
 from spade_edge.runtime.model_meta import read_model_info
 from spade_edge.runtime.preprocess import prepare_path
-from spade_edge.runtime.runners.ort import OrtRunner
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxconverter_common")
@@ -23,21 +23,6 @@ pytest.importorskip("onnxconverter_common")
 #: 1.3e-2 (weight rounding, docs/precision.md), so that test uses LITE0_REAL_RTOL.
 FP16_RTOL = 5e-3
 LITE0_REAL_RTOL = 2e-2
-
-
-def _rel(model_a: Path, model_b: Path, x: np.ndarray) -> dict[str, float]:
-    """max|b - a| / max|a| per output, both run in ONNX Runtime CPU."""
-    ra, rb = OrtRunner(model_a), OrtRunner(model_b)
-    try:
-        fa, fb = ra.infer(x), rb.infer(x)
-        names = ra.contract.output_names
-    finally:
-        ra.close()
-        rb.close()
-    return {
-        n: float(np.abs(b - a).max() / np.abs(a).max())
-        for n, a, b in zip(names, [*fa.levels, fa.pooled], [*fb.levels, fb.pooled], strict=True)
-    }
 
 
 def _images(folder: Path, n: int, size: int = 40) -> Path:
@@ -63,7 +48,7 @@ def test_fp16_parity_and_io(tiny_onnx: Path, tmp_path: Path):
     for vi in [*m.graph.input, *m.graph.output]:  # fp32 I/O kept
         assert vi.type.tensor_type.elem_type == fp32, vi.name
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32), dtype=np.float32)
-    rel = _rel(tiny_onnx, dst, x)
+    rel = parity(tiny_onnx, dst, x)
     assert max(rel.values()) < FP16_RTOL, rel
     assert min(rel.values()) > 0  # not the fp32 graph in disguise
 
@@ -124,6 +109,16 @@ def test_block_list_keeps_resize_and_reducemean():
     assert {"Resize", "ReduceMean", "Softmax"} <= set(blocked)
 
 
+def test_relative_error_is_max_abs_diff_over_parent_scale():
+    """The parity measure behind these tests and the conversion guard, on known numbers."""
+    parent = np.array([[1.0, -4.0], [2.0, 0.5]], np.float32)
+    derived = np.array([[1.5, -4.0], [2.0, 0.0]], np.float32)
+    assert relative_error(derived, parent) == pytest.approx(0.5 / 4.0)
+    assert relative_error(parent, parent) == 0.0
+    zero = np.zeros(3, np.float32)  # all-zero parent: the absolute deviation, not 0
+    assert relative_error(np.array([0.0, 0.25, 0.0], np.float32), zero) == 0.25
+
+
 @pytest.mark.slow
 def test_lite0_fp16_bottle(lite0_onnx: Path, bottle_dir: Path, tmp_path: Path):
     """Real backbone: random-batch parity within FP16_RTOL, real images within LITE0_REAL_RTOL."""
@@ -133,7 +128,7 @@ def test_lite0_fp16_bottle(lite0_onnx: Path, bottle_dir: Path, tmp_path: Path):
     contract = read_model_info(lite0_onnx).contract
     paths = sorted((bottle_dir / "test").rglob("*.png"))[::20][:4]
     x = np.stack([prepare_path(p, contract).tensor for p in paths])
-    rel = _rel(lite0_onnx, dst, x)
+    rel = parity(lite0_onnx, dst, x)
     assert max(rel.values()) < LITE0_REAL_RTOL, rel
     lin = read_lineage(read_model_info(dst).metadata)
     assert max(lin.tool["parity_random_batch"].values()) < FP16_RTOL

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_edge.calibration.int8 import (
-    MIN_CALIB_IMAGES,
-    UnreadableImageWarning,
-    float_nodes,
-    quantize_int8,
-)
+from spade_edge.calibration.derive import UnreadableImageWarning
+from spade_edge.calibration.int8 import MIN_CALIB_IMAGES, float_nodes, quantize_int8
 from spade_edge.calibration.lineage import graph_fingerprint, read_lineage
 from spade_edge.runtime.errors import CalibrationError, ConfigError, FormatError, InputError
 from spade_edge.runtime.model_meta import read_model_info
