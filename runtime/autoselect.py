@@ -16,7 +16,7 @@ Measurements behind these rules: docs/cpu.md.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,7 @@ class Selection:
     cpu: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "matcher": self.matcher,
-            "reason": self.reason,
-            "cpu": self.cpu,
-        }
+        return asdict(self)
 
 
 def select_matcher(units: CpuUnits | None = None) -> tuple[str, str]:

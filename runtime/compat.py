@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from spade_edge.runtime.contract import Contract
+from spade_edge.runtime.contract import Contract, parse_json
 from spade_edge.runtime.errors import CompatibilityError, FormatError
 from spade_edge.runtime.fileio import is_sha256_hex
 
@@ -79,10 +79,7 @@ class Lineage:
     @classmethod
     def from_json(cls, text: str, source: str = "model") -> Lineage:
         """Parse and type-check; every problem is a FormatError naming ``source``."""
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(f"{source}: lineage record is not valid JSON: {e}") from None
+        d = parse_json(text, source, "lineage record")
         if not isinstance(d, dict):
             raise FormatError(f"{source}: lineage record is not a JSON object")
         if d.get("version") != LINEAGE_VERSION:

@@ -153,11 +153,16 @@ class Contract:
 
     @classmethod
     def from_json(cls, text: str, source: str = "contract") -> Contract:
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(f"{source}: contract is not valid JSON: {e}") from None
-        return cls.from_dict(d, source)
+        return cls.from_dict(parse_json(text, source, "contract"), source)
+
+
+def parse_json(text: str | bytes, source: str, what: str) -> Any:
+    """``json.loads`` for metadata records: bad text is a FormatError naming ``source`` and
+    ``what`` (also for nesting too deep to parse), never a traceback."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{source}: {what} is not valid JSON: {e}") from None
 
 
 def _pos_int(v: Any, name: str) -> int:

@@ -19,10 +19,10 @@ Byte-level description: docs/format.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 
@@ -353,8 +353,18 @@ def prepare_gallery(
     created: str | None = None,
     sqnorms: tuple[np.ndarray, list[np.ndarray]] | None = None,
 ) -> GalleryData:
-    """Check and round everything :func:`write_gallery` would write, without writing it
-    (``path`` names the destination in error messages)."""
+    """Check and round everything a gallery file holds, without writing it (``path`` names
+    the destination in error messages); :func:`write_gallery` writes the result.
+
+    ``sqnorms``: (pooled, per level) norms already computed with :func:`sqnorms_fp16` from
+    exactly these fp16 features (the packer does it per batch, overlapped with inference);
+    only accepted with fp16 features. They are still checked for shape and finiteness.
+
+    ``sources``: one ``{"name": str, "sha256": hex}`` per image (content hash of the file);
+    the same content twice is refused. ``default_k``: None stores ``min(5, n)``.
+    ``created``: ISO-8601 UTC time, now when None (pass a fixed value for byte-reproducible
+    files).
+    """
     p = Path(path)
     if not is_sha256_hex(fingerprint):
         raise InputError(f"{p}: model fingerprint {fingerprint!r} is not 64 lowercase hex")
@@ -383,44 +393,22 @@ def prepare_gallery(
     )
 
 
-def write_gallery(
-    path: str | Path,
-    contract: Contract,
-    fingerprint: str,
-    pooled: np.ndarray,
-    levels: list[np.ndarray],
-    sources: list[dict[str, Any]],
-    default_k: int | None = None,
-    thresholds: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-    created: str | None = None,
-    sqnorms: tuple[np.ndarray, list[np.ndarray]] | None = None,
-) -> None:
-    """Round features to fp16, compute their norms and write a v1 gallery atomically.
+P = ParamSpec("P")
 
-    ``sqnorms``: (pooled, per level) norms already computed with :func:`sqnorms_fp16` from
-    exactly these fp16 features (the packer does it per batch, overlapped with inference);
-    only accepted with fp16 features. They are still checked for shape and finiteness.
 
-    ``sources``: one ``{"name": str, "sha256": hex}`` per image (content hash of the file);
-    the same content twice is refused. ``default_k``: None stores ``min(5, n)``.
-    ``created``: ISO-8601 UTC time, now when None (pass a fixed value for byte-reproducible
-    files).
-    """
-    data = prepare_gallery(
-        path,
-        contract,
-        fingerprint,
-        pooled,
-        levels,
-        sources,
-        default_k=default_k,
-        thresholds=thresholds,
-        extra=extra,
-        created=created,
-        sqnorms=sqnorms,
-    )
-    save_gallery(path, data)
+def _then_saved(prepare: Callable[P, GalleryData]) -> Callable[P, None]:
+    """``prepare`` (checks and rounding), then an atomic save to the path its result names."""
+
+    def write_gallery(*args: P.args, **kwargs: P.kwargs) -> None:
+        data = prepare(*args, **kwargs)
+        save_gallery(data.path, data)
+
+    return write_gallery
+
+
+#: Round features to fp16, compute their norms and write a v1 gallery atomically; the arguments
+#: and checks are :func:`prepare_gallery`'s.
+write_gallery = _then_saved(prepare_gallery)
 
 
 # ----------------------------------------------------------------------------------- reading

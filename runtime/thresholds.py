@@ -72,13 +72,17 @@ def leave_one_out_scores(
     return scores, maxima
 
 
+def _checked_far(far: float) -> float:
+    if not 0.0 < far < 1.0:  # NaN fails this too
+        raise CalibrationError(f"false-alarm rate must be in (0, 1), got {far}")
+    return far
+
+
 def thresholds_from_normal(
     scores: np.ndarray, maxima: np.ndarray, far: float = DEFAULT_FAR
 ) -> dict[str, float]:
     """Quantile thresholds at false-alarm rate ``far`` (see module docstring)."""
-    if not 0.0 < far < 1.0:
-        raise CalibrationError(f"false-alarm rate must be in (0, 1), got {far}")
-    q = 1.0 - far
+    q = 1.0 - _checked_far(far)
     return {
         "image": float(np.quantile(scores, q, method="higher")),
         "pixel": float(np.quantile(maxima, q, method="higher")),
@@ -95,8 +99,7 @@ def compute_thresholds(
 ) -> dict[str, Any]:
     """The ``thresholds`` record of a gallery (open ``Gallery`` or ``InMemoryGallery``; K
     defaults to its ``default_k``): quantiles plus how they were obtained."""
-    if not 0.0 < far < 1.0:  # before the O(N²) work
-        raise CalibrationError(f"false-alarm rate must be in (0, 1), got {far}")
+    _checked_far(far)  # before the O(N²) work
     k_i = k_image or gallery.default_k
     k_g = k_gallery or gallery.default_k
     scores, maxima = leave_one_out_scores(gallery, k_i, k_g, sigma, progress)

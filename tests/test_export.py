@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,36 +151,34 @@ def test_bad_image_size_and_unwritable_folder(tmp_path):
 # CLI: run the real entry point (make_main) in-process and check exit codes + messages
 
 
-def _cli(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+#: the cheapest real export: ResNet-18, random weights, 32 px
+R18_RANDOM = ("-b", "resnet18", "-w", "random")
+SMALL = ("--image-size", "32")
+
+
+@pytest.fixture()
+def cli(tmp_path: Path, monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """``cli(*args)`` runs spade-export in ``tmp_path`` (default output names land there):
+    (exit code, stdout, stderr)."""
     from spade_edge.cli.export import main
 
-    monkeypatch.setattr(sys, "argv", ["spade-export", *args])
-    monkeypatch.chdir(cwd)  # default output names land in the test's folder
-    code: int | str | None = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return (0 if code is None else int(code)), out, err
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["spade-export", *args])
+        monkeypatch.chdir(tmp_path)
+        code: int | str | None = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return (0 if code is None else int(code)), out, err
+
+    return run
 
 
-def test_cli_exports_and_reports(tmp_path, monkeypatch, capsys):
+def test_cli_exports_and_reports(tmp_path, cli):
     out = tmp_path / "r18.onnx"
-    code, stdout, err = _cli(
-        monkeypatch,
-        capsys,
-        tmp_path,
-        "-b",
-        "resnet18",
-        "-w",
-        "random",
-        "--image-size",
-        "32",
-        "-o",
-        str(out),
-        "--no-check",
-    )
+    code, stdout, err = cli(*R18_RANDOM, *SMALL, "-o", str(out), "--no-check")
     assert code == 0, err
     info = read_model_info(out)
     assert f"fingerprint {info.fingerprint}" in stdout and info.contract.weights == "random:seed=0"
@@ -187,100 +186,55 @@ def test_cli_exports_and_reports(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.onnx"]
 
 
-def test_cli_unknown_backbone_suggests(tmp_path, monkeypatch, capsys):
-    code, _, err = _cli(
-        monkeypatch, capsys, tmp_path, "-b", "wideresnet50", "-o", str(tmp_path / "x.onnx")
-    )
+def test_cli_unknown_backbone_suggests(tmp_path, cli):
+    code, _, err = cli("-b", "wideresnet50", "-o", str(tmp_path / "x.onnx"))
     assert code == InputError.exit_code
     assert "unknown backbone 'wideresnet50'" in err and "did you mean" in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_bad_and_mismatched_weights_files(tmp_path, monkeypatch, capsys):
+def test_cli_bad_and_mismatched_weights_files(tmp_path, cli):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"garbage" * 100)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code, _, err = _cli(
-        monkeypatch,
-        capsys,
-        tmp_path,
-        "-b",
-        "resnet18",
-        "-w",
-        str(junk),
-        "-o",
-        str(out_dir / "a.onnx"),
-    )
+    code, _, err = cli("-b", "resnet18", "-w", str(junk), "-o", str(out_dir / "a.onnx"))
     assert code == 6 and "junk.pth: not a readable PyTorch weights file" in err
     assert len(err.strip().splitlines()) == 1
     # a real checkpoint of another architecture: the keys are named
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(2, 3, 3, 3), "fc.bias": torch.zeros(1000)}, other)
-    code, _, err = _cli(
-        monkeypatch,
-        capsys,
-        tmp_path,
-        "-b",
-        "resnet18",
-        "-w",
-        str(other),
-        "-o",
-        str(out_dir / "a.onnx"),
-    )
+    code, _, err = cli("-b", "resnet18", "-w", str(other), "-o", str(out_dir / "a.onnx"))
     assert code == 6 and "other.pth: weights do not fit this backbone" in err
     assert "missing keys" in err and "1 unexpected keys (conv.weight)" in err
     assert list(out_dir.iterdir()) == []  # no partial output, no temp file
 
 
-def test_cli_unwritable_output(tmp_path, monkeypatch, capsys):
+def test_cli_unwritable_output(tmp_path, cli):
     blocker = tmp_path / "notadir"
     blocker.write_text("x")
-    code, _, err = _cli(
-        monkeypatch,
-        capsys,
-        tmp_path,
-        "-b",
-        "resnet18",
-        "-w",
-        "random",
-        "-o",
-        str(blocker / "m.onnx"),
-    )
+    code, _, err = cli(*R18_RANDOM, "-o", str(blocker / "m.onnx"))
     # checked before the export runs (issue 11, defect 12): an input error, not a failed export
     assert code == InputError.exit_code and "cannot write" in err and "notadir" in err
 
 
-def test_cli_option_checks(tmp_path, monkeypatch, capsys):
-    code, _, err = _cli(monkeypatch, capsys, tmp_path, "-b", "resnet18", "--precision", "int8")
+def test_cli_option_checks(tmp_path, cli):
+    code, _, err = cli("-b", "resnet18", "--precision", "int8")
     assert code == 2 and "--calib-dir" in err
-    code, _, err = _cli(monkeypatch, capsys, tmp_path, "--precision", "fp16")
+    code, _, err = cli("--precision", "fp16")
     assert code == 2 and "--backbone is required" in err
-    code, _, err = _cli(monkeypatch, capsys, tmp_path, "--from-onnx", str(tmp_path / "none.onnx"))
+    code, _, err = cli("--from-onnx", str(tmp_path / "none.onnx"))
     assert code == 2 and "none.onnx: --from-onnx file not found" in err
-    code, _, err = _cli(monkeypatch, capsys, tmp_path, "-b", "resnet18", "--image-size", "100")
+    code, _, err = cli("-b", "resnet18", "--image-size", "100")
     assert code == 2 and "multiple of 16" in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_fp16_writes_parent_beside_output(tmp_path, monkeypatch, capsys):
+def test_cli_fp16_writes_parent_beside_output(tmp_path, cli):
     pytest.importorskip("spade_edge.calibration.fp16")
     out = tmp_path / "r18.fp16.onnx"
-    code, stdout, err = _cli(
-        monkeypatch,
-        capsys,
-        tmp_path,
-        "-b",
-        "resnet18",
-        "-w",
-        "random",
-        "--image-size",
-        "32",
-        "--precision",
-        "fp16",
-        "-o",
-        str(out),
-        "--no-check",
+    code, stdout, err = cli(
+        *R18_RANDOM, *SMALL, "--precision", "fp16", "-o", str(out), "--no-check"
     )
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.fp16.onnx", "r18.fp32.onnx"]

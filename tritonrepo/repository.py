@@ -195,20 +195,29 @@ def _sides(model: Path, o: RepoOptions) -> tuple[dict[str, str], dict[str, str]]
     return cpu, gpu
 
 
-def _check_pair(model: Path, gallery: Path, o: RepoOptions) -> tuple[Contract, str, dict[str, Any]]:
-    """Open model + gallery as the server will (ORT), so a mismatch fails here, not at load."""
+@dataclass(frozen=True)
+class _Served:
+    """The model + gallery pair as the server will load it."""
+
+    contract: Contract
+    fingerprint: str  # the ONNX model's
+    settings: dict[str, Any]  # gallery size, K, thresholds: recorded in the version manifest
+
+
+def _load_as_served(model: Path, gallery: Path, o: RepoOptions) -> _Served:
+    """Load model + gallery as the server will (ORT Detector, with runtime/compat.py's
+    compatibility rule), so a mismatch fails here, not at load."""
     with Detector.load(
         model, gallery, backend="ort", k_image=o.k_image, k_gallery=o.k_gallery
     ) as det:
-        g = det.gallery
-        info = {
-            "gallery_images": int(g.n_images),
+        settings = {
+            "gallery_images": int(det.gallery.n_images),
             "k_image": int(det.matcher.k_image),
             "k_gallery": int(det.matcher.k_gallery),
             "threshold": det.threshold,
             "pixel_threshold": det.pixel_threshold,
         }
-        return det.contract, det.runner.fingerprint, info
+        return _Served(det.contract, det.runner.fingerprint, settings)
 
 
 def write_repository(
@@ -227,7 +236,8 @@ def write_repository(
         )
     if options.kind == "cpu" and options.engine is not None:
         raise InputError("--engine is for --kind gpu (TensorRT instances)")
-    contract, fingerprint, info = _check_pair(model, gallery, options)
+    served = _load_as_served(model, gallery, options)
+    contract, fingerprint = served.contract, served.fingerprint
     if options.engine is not None:
         _check_engine(options.engine, fingerprint)
     cpu, gpu = _sides(model, options)
@@ -252,7 +262,7 @@ def write_repository(
         "source_model": str(model.resolve()),
         "source_gallery": str(gallery.resolve()),
         "created_utc": utc_timestamp(),
-        **info,
+        **served.settings,
     }
     files = {"model.onnx": model, "gallery.bin": gallery}
     if options.engine is not None:
@@ -328,7 +338,8 @@ def _write_version(
 
 def _check_engine(engine: Path, fingerprint: str) -> None:
     """The engine must come from this ONNX model or a precision derived from it (fp16/int8);
-    whether the gallery may be reused with a derived engine is decided at load (check_pair)."""
+    whether the gallery may be reused with a derived engine is decided when the server loads
+    it (runtime/compat.py)."""
     ef = read_engine_file(engine)
     if fingerprint not in (ef.fingerprint, ef.parent_fingerprint):
         raise CompatibilityError(

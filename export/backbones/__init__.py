@@ -107,36 +107,54 @@ def _lite(n: int, blocks: tuple[int, ...], native: int) -> BackboneSpec:
     )
 
 
+def _torchvision_resnet(
+    name: str,
+    arch: str,
+    sha256_prefix: str,
+    *,
+    width: int,
+    pooled_dim: int,
+    description: str,
+    aliases: tuple[str, ...] = (),
+) -> BackboneSpec:
+    """A torchvision ResNet ``arch`` with IMAGENET1K_V1 weights (the file name carries the first
+    hex digits of its SHA-256): pyramid = layer1..3, strides 4, 8, 16, ``width`` x 1, 2, 4
+    channels."""
+    weights_file = f"{arch}-{sha256_prefix}.pth"
+    return BackboneSpec(
+        name=name,
+        constructor=f"spade_edge.export.backbones.resnet:{arch}",
+        level_names=("layer1", "layer2", "layer3"),
+        strides=(4, 8, 16),
+        channels=(width, 2 * width, 4 * width),
+        pooled_dim=pooled_dim,
+        weights=WeightSource(
+            tag="imagenet:IMAGENET1K_V1",
+            url=_TV + weights_file,
+            filename=weights_file,
+            sha256=sha256_prefix,
+        ),
+        aliases=aliases,
+        description=description,
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "wrn50": BackboneSpec(
-        name="wrn50",
-        constructor="spade_edge.export.backbones.resnet:wide_resnet50_2",
-        level_names=("layer1", "layer2", "layer3"),
-        strides=(4, 8, 16),
-        channels=(256, 512, 1024),
+    "wrn50": _torchvision_resnet(
+        "wrn50",
+        "wide_resnet50_2",
+        "95faca4d",
+        width=256,
         pooled_dim=2048,
-        weights=WeightSource(
-            tag="imagenet:IMAGENET1K_V1",
-            url=_TV + "wide_resnet50_2-95faca4d.pth",
-            filename="wide_resnet50_2-95faca4d.pth",
-            sha256="95faca4d",
-        ),
-        aliases=("wide_resnet50_2", "wide_resnet50"),
         description="torchvision Wide-ResNet-50-2 (the SPADE paper's backbone)",
+        aliases=("wide_resnet50_2", "wide_resnet50"),
     ),
-    "resnet18": BackboneSpec(
-        name="resnet18",
-        constructor="spade_edge.export.backbones.resnet:resnet18",
-        level_names=("layer1", "layer2", "layer3"),
-        strides=(4, 8, 16),
-        channels=(64, 128, 256),
+    "resnet18": _torchvision_resnet(
+        "resnet18",
+        "resnet18",
+        "f37072fd",
+        width=64,
         pooled_dim=512,
-        weights=WeightSource(
-            tag="imagenet:IMAGENET1K_V1",
-            url=_TV + "resnet18-f37072fd.pth",
-            filename="resnet18-f37072fd.pth",
-            sha256="f37072fd",
-        ),
         description="torchvision ResNet-18",
     ),
     "efficientnet_lite0": _lite(0, LITE0_LEVEL_BLOCKS, 224),
