@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from spade_edge.calibration.fp16 import convert_fp16
-from spade_edge.calibration.int8 import quantize_int8
+from spade_edge.calibration.int8 import METHODS, TARGETS, quantize_int8
 from spade_edge.export.backbones import get_backbone
 from spade_edge.export.onnx_export import ExportReport, export_onnx
 from spade_edge.export.trt_build import build_engine
+from spade_edge.runtime.compat import DERIVED_PRECISIONS
 from spade_edge.runtime.errors import InputError
 from spade_edge.runtime.runners.trt import import_tensorrt
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INT8_TARGETS = ("trt", "cpu")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+PRECISIONS = ("fp32", *DERIVED_PRECISIONS)
+INT8_TARGETS = TARGETS
+CALIB_METHODS = METHODS
 
 
 @dataclass(frozen=True)
