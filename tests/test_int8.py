@@ -157,7 +157,7 @@ def test_trt_target_follows_tensorrt_qdq_rules(tiny_onnx: Path, calib_dir: Path,
 
 
 def test_cpu_target_uses_uint8_activations(tiny_onnx: Path, calib_dir: Path, tmp_path: Path):
-    dst = tmp_path / "tiny.cpu.onnx"
+    dst = tmp_path / "new" / "tiny.cpu.onnx"  # a folder that does not exist yet is created
     quantize_int8(tiny_onnx, dst, calib_dir, num_images=12, target="cpu")
     m = onnx.load(str(dst))
     inits = _initializers(m)
