@@ -12,7 +12,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[export,serve,dev,station,camera,genicam,openvino]'
+	$(BIN)/pip install -q -e '.[export,serve,dev,station,camera,genicam,openvino]' -e tools
 
 test:
 	$(BIN)/python -m pytest -q

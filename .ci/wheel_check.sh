@@ -21,6 +21,9 @@ import sys
 import spade_edge.runtime, spade_edge.runtime.detector, spade_edge.runtime.gallery
 import spade_edge.cli.app, spade_edge.calibration
 assert "torch" not in sys.modules, "the runtime imported torch"
+import importlib.util
+# tools/spade_edge_testing (emulator, GPU fakes) is for tests only, never in the wheel
+assert importlib.util.find_spec("spade_edge_testing") is None, "the wheel ships spade_edge_testing"
 from importlib.resources import files
 kernels = [p.name for p in (files("spade_edge.runtime") / "matchers" / "kernels").iterdir()]
 assert any(k.endswith(".cu") for k in kernels), kernels

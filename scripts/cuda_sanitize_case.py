@@ -24,9 +24,9 @@ def main() -> int:
     ap.add_argument("--simt", action="store_true", help="run on the SIMT emulator")
     a = ap.parse_args()
     if a.simt:
-        import simt_pycuda
+        from spade_edge_testing import fake_pycuda
 
-        simt_pycuda.install()
+        fake_pycuda.install_emulator()
     from test_cuda_matcher import assert_matches, make_gallery, random_features
 
     from spade_edge.runtime.matchers import cuda as cm

@@ -55,11 +55,12 @@ echo "python: $($PY -V 2>&1), nvcc: $(nvcc --version 2>/dev/null | tail -1)"
 
 # ------------------------------------------------------------------ spade_edge on the path
 # The package maps export/, runtime/, calibration/ to spade_edge.*; a symlink farm does the
-# same without pip (no network, no build isolation, nothing written into the repo).
+# same without pip (no network, no build isolation, nothing written into the repo). tools/ holds
+# spade_edge_testing, which the tests and scripts import (pip install -e tools elsewhere).
 PKG=/tmp/spade_pkg
 mkdir -p "$PKG/spade_edge"
 for sub in export runtime calibration; do ln -sfn "$ROOT/$sub" "$PKG/spade_edge/$sub"; done
-export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PKG:$ROOT/tools${PYTHONPATH:+:$PYTHONPATH}"
 # Real data where the tests look for it (../shared/data), from the carried copy.
 if [ -d "$D/data/mvtec_ad/bottle" ] && [ ! -d "$ROOT/../shared/data/mvtec_ad/bottle" ]; then
     mkdir -p "$ROOT/../shared/data/mvtec_ad"

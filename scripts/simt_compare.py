@@ -11,17 +11,13 @@ at K=50 costs about 2 minutes per image on one core), not a speed measurement.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import simt_pycuda  # noqa: E402
+from spade_edge_testing import fake_pycuda
 
 
 def main() -> None:
@@ -33,7 +29,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=0, help="first N train images (0 = all)")
     a = ap.parse_args()
 
-    simt_pycuda.install()
+    fake_pycuda.install_emulator()
     from spade_edge.runtime.gallery import Gallery
     from spade_edge.runtime.matchers.cuda import CudaMatcher
     from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher

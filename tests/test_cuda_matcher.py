@@ -1,7 +1,7 @@
 """CUDA matcher: agrees with the NumPy oracle, reads device features, allocates nothing per image.
 
 Each matcher test runs on a real GPU through pycuda (marker ``gpu``; skips with a reason without
-pycuda or a device) and on the SIMT emulator (marker ``simt``; tests/simt runs the same .cu
+pycuda or a device) and on the SIMT emulator (marker ``simt``; the emulator in tools/ runs the .cu
 kernels on the CPU behind a pycuda stand-in). The planning helpers (block rows, splits, blur
 weights) are checked on any machine.
 """
@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import simt_device
-import simt_pycuda
 from scipy.ndimage import correlate1d, gaussian_filter1d
 
 from spade_edge.runtime import synthetic
@@ -26,6 +24,7 @@ from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import cuda as cm
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 from spade_edge.runtime.runners.base import Features
+from spade_edge_testing import fake_pycuda, simt_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +120,7 @@ def test_memory_estimate_is_what_the_matcher_allocates(simt_lib, monkeypatch) ->
     g = make_gallery(rng, [(9, 7, 40), (13, 11, 72), (5, 3, 136)], 48, 9, size=40)
     m = cm.CudaMatcher(g, k_image=3, k_gallery=4)
     try:
-        used = simt_pycuda.TOTAL_MEMORY - env.drv.mem_get_info()[0]
+        used = fake_pycuda.TOTAL_MEMORY - env.drv.mem_get_info()[0]
         est = cm.device_bytes(g.contract, 9, 4)
         assert used <= est <= used + 8192
     finally:
@@ -141,8 +140,8 @@ def test_backend_unavailable_without_pycuda() -> None:
 
 # ----------------------------------------------------------------------------- devices
 # Every test below runs twice: on a real GPU through pycuda (marker ``gpu``; skips without one)
-# and on the SIMT emulator (tests/simt), which executes the same .cu kernels and CudaMatcher's
-# own host code on the CPU, so CI checks the kernels' logic against the oracle with no GPU.
+# and on the SIMT emulator (spade_edge_testing), which executes the same .cu kernels and the
+# matcher's own host code on the CPU, so CI checks the kernels' logic against the oracle, no GPU.
 @dataclass
 class GpuEnv:
     kind: str  # "pycuda" or "simt"
@@ -184,12 +183,16 @@ def _pycuda_env() -> GpuEnv:
 
 
 def simt_env(simt_lib: Path, monkeypatch: pytest.MonkeyPatch, target: str = "sm_90") -> GpuEnv:
-    pkg = simt_pycuda.install(simt_lib, target, monkeypatch.setitem)
+    pkg = fake_pycuda.install_emulator(simt_lib, target, monkeypatch.setitem)
 
     def to_device(a: np.ndarray) -> Any:
         a = np.ascontiguousarray(a)
-        buf = pkg.driver.mem_alloc(a.nbytes)
-        pkg.driver.memcpy_htod(buf, a)
+        pkg.driver.Device(0).retain_primary_context().push()  # as on a GPU: a context is needed
+        try:
+            buf = pkg.driver.mem_alloc(a.nbytes)
+            pkg.driver.memcpy_htod(buf, a)
+        finally:
+            pkg.driver.Context.pop()
         return buf
 
     return GpuEnv("simt", pkg.driver, to_device, pkg.device)
@@ -256,7 +259,7 @@ def test_emulated_targets_plan_and_match(simt_lib, monkeypatch, target: str) -> 
     m = cm.CudaMatcher(g, k_image=2, k_gallery=4)
     try:
         plan = m.plan()
-        optin = simt_pycuda.TARGETS[target][1]["MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"]
+        optin = fake_pycuda.TARGETS[target][1]["MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"]
         assert all(p["smem_bytes"] <= optin for p in plan)
         if target == "sm_89":  # ~99 KiB per block: 1024 channels only fit 16-row blocks
             assert plan[2]["block_rows"] == 16
@@ -359,7 +362,7 @@ def test_no_device_allocation_per_image(gpu: GpuEnv, monkeypatch) -> None:
     finally:
         m.close()
     if gpu.emulator is not None:  # close() returned every byte
-        assert drv.mem_get_info()[0] == simt_pycuda.TOTAL_MEMORY
+        assert drv.mem_get_info()[0] == fake_pycuda.TOTAL_MEMORY
 
 
 def test_gallery_that_does_not_fit_is_refused(gpu: GpuEnv, monkeypatch) -> None:

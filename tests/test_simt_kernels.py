@@ -1,4 +1,4 @@
-"""The shipped CUDA kernels, executed one by one on the SIMT emulator (tests/simt), against NumPy.
+"""The shipped CUDA kernels, executed one by one on the SIMT emulator, against NumPy.
 
 What this adds to test_cuda_matcher.py (which runs them through CudaMatcher): the fused kernel
 under both cp.async completion orders and several thread interleavings, split-M merging with
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import simt_device
 
 from spade_edge.runtime.matchers import cuda as cm
+from spade_edge_testing import simt_device
 
 INF_BITS = 0x7F800000
 pytestmark = pytest.mark.simt

@@ -1,7 +1,7 @@
 """TensorRT engine build + runner.
 
 Part 1 (always runs, CPU only): export/trt_build.py and runtime/runners/trt.py driven end to
-end through strict fakes of ``tensorrt`` and ``pycuda.driver`` (tests/trt_api/fakes.py): enums
+end through strict fakes of ``tensorrt`` and ``pycuda.driver`` (spade_edge_testing): enums
 and members come from snapshots of the real 10.3 and 11.4 bindings, the fake engine computes
 with ONNX Runtime CPU and writes into fake device memory at the addresses the runner bound.
 This tests OUR logic (flags per version, profile, workspace, timing cache, precision check,
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 from tiny_model import graph_fingerprint, make_tiny_model
-from trt_api import fakes
 
 from spade_edge.runtime.contract import (
     METADATA_CONTRACT_KEY,
@@ -42,6 +41,7 @@ from spade_edge.runtime.errors import (
 )
 from spade_edge.runtime.runners import Features, open_runner
 from spade_edge.runtime.runners.ort import OrtRunner
+from spade_edge_testing import fake_tensorrt as fakes
 
 onnx = pytest.importorskip("onnx")
 

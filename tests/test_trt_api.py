@@ -1,10 +1,10 @@
 """Every TensorRT name spade-edge touches exists, with a matching call signature, in the REAL
 Python bindings of TensorRT 10.3 (JetPack 6), 10.16, 11.0 and 11.4.
 
-How (no TensorRT libraries, no GPU here): tests/trt_api/snapshot.py imports the real pybind11
-module of each ``tensorrt-cu1x-bindings`` wheel against stub libnvinfer/libnvonnxparser/
+How (no TensorRT libraries, no GPU here): spade_edge_testing.trt_snapshot imports the real
+pybind11 module of each ``tensorrt-cu1x-bindings`` wheel against stub libnvinfer/libnvonnxparser/
 libnvinfer_plugin libraries that export the nine C entry points it links, and records every
-class, member, enum value and signature. The committed snapshots (tests/trt_api/trt-*.json)
+class, member, enum value and signature. The committed snapshots (its trt_snapshots/trt-*.json)
 are checked here against ``TRT_API`` (runtime/runners/trt.py); an AST scan checks that the code
 uses no TensorRT member name missing from ``TRT_API`` and that ``TRT_API`` has no stale entry.
 ``test_snapshots_are_reproducible`` regenerates the snapshots from the wheels (pip download,
@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from spade_edge.runtime.runners.trt import TRT_API, TRT_FEATURES, features_for
+from spade_edge_testing import trt_snapshot as snapmod
+from spade_edge_testing.trt_snapshot import SNAP_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-SNAP_DIR = Path(__file__).resolve().parent / "trt_api"
 CODE_FILES = (REPO / "export" / "trt_build.py", REPO / "runtime" / "runners" / "trt.py")
 SNAPSHOTS = sorted(SNAP_DIR.glob("trt-*.json"))
 
@@ -215,13 +216,6 @@ def test_snapshots_are_reproducible(tmp_path: Path) -> None:
     """Regenerate every snapshot from the real wheels and compare with the committed files."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler to build the stub TensorRT libraries")
-    import sys
-
-    sys.path.insert(0, str(SNAP_DIR))
-    try:
-        import snapshot as snapmod
-    finally:
-        sys.path.pop(0)
     try:
         for spec in snapmod.SPECS:
             snapmod.fetch_wheel(spec, snapmod.DEFAULT_CACHE, timeout=90)

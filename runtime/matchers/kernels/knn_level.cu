@@ -32,8 +32,9 @@
 #error "compile with -DKNN_BN= -DKNN_BK= -DKNN_STAGES= -DKNN_THREADS= (cuda.py kernel_options())"
 #endif
 
-// PTX wrappers. tests/simt (a CPU SIMT emulator that runs these kernels in CI) supplies its own
-// versions with the PTX ISA's semantics, so everything below them is executed there.
+// PTX wrappers. The SIMT emulator (tools/spade_edge_testing/simt: runs these kernels on the CPU
+// in CI) supplies its own versions with the PTX ISA's semantics, so everything below them is
+// executed there.
 #ifndef SPADE_SIMT
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));

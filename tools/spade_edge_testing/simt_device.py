@@ -1,8 +1,8 @@
-"""The SIMT emulator (tests/simt) from Python: build it, allocate "device" memory, launch kernels.
+"""The SIMT emulator (``simt/``) from Python: build it, allocate "device" memory, launch kernels.
 
-Device memory is host memory: each allocation is a NumPy buffer, 256-byte aligned like
-cudaMalloc, followed by a guard band that is checked after every launch, so a kernel that
-writes past its buffers fails the test that launched it.
+Device memory is host memory (:class:`DeviceMemory`): each allocation is a NumPy buffer,
+256-byte aligned like cudaMalloc, followed by a guard band that is checked after every launch,
+so a kernel that writes past its buffers fails the test that launched it.
 """
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from spade_edge.runtime.matchers.cuda import TILE_DEFINES
+from spade_edge.runtime.matchers.cuda import KERNEL_DIR, TILE_DEFINES
 
-ROOT = Path(__file__).resolve().parents[1]
-SIMT_DIR = ROOT / "tests" / "simt"
-KERNEL_DIR = ROOT / "runtime" / "matchers" / "kernels"
+SIMT_DIR = Path(__file__).resolve().parent / "simt"
 SOURCES = (
     SIMT_DIR / "simt.h",
     SIMT_DIR / "simt_kernels.cpp",
     SIMT_DIR / "include" / "cuda_fp16.h",
     *sorted(KERNEL_DIR.glob("*.cu")),
 )
-#: where scripts build the emulator (the tests use pytest's cache directory, the same place)
-DEFAULT_CACHE = ROOT / ".pytest_cache" / "d" / "simt"
+#: where scripts build the emulator: the checkout's pytest cache directory, where the tests
+#: build it too (this package is installed editable from the checkout: ``pip install -e tools``)
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".pytest_cache" / "d" / "simt"
 GUARD = 256
 GUARD_BYTE = 0xA5
 
@@ -95,30 +94,13 @@ def session_library(request: Any) -> Path:
     return build(where)
 
 
-class Device:
-    """One emulated device: memory with guard bands, and launches by kernel name."""
+class DeviceMemory:
+    """Device memory as guarded host memory; needs no emulator library (the TensorRT fake uses
+    it alone, the emulator's Device adds kernel launches)."""
 
-    def __init__(self, lib_path: Path, seed: int = 0, eager: bool = False) -> None:
-        self.lib = ctypes.CDLL(str(lib_path))
-        self.lib.simt_launch.restype = ctypes.c_int
-        self.lib.simt_launch.argtypes = [
-            ctypes.c_char_p,
-            ctypes.POINTER(ctypes.c_uint),
-            ctypes.POINTER(ctypes.c_uint),
-            ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_ulonglong,
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        self.lib.simt_counter.restype = ctypes.c_ulonglong
-        self.lib.simt_counter.argtypes = [ctypes.c_int]
-        self.seed = seed
-        self.eager = eager
+    def __init__(self) -> None:
         self.blocks: dict[int, tuple[np.ndarray, int]] = {}  # ptr -> (backing, nbytes)
         self.allocs = 0
-        self.launches = 0
 
     # ------------------------------------------------------------------ memory
     def alloc(self, nbytes: int) -> int:
@@ -163,6 +145,31 @@ class Device:
 
     def owns(self, ptr: int) -> bool:
         return any(b <= int(ptr) < b + n for b, (_, n) in self.blocks.items())
+
+
+class Device(DeviceMemory):
+    """One emulated device: memory with guard bands, and launches by kernel name."""
+
+    def __init__(self, lib_path: Path, seed: int = 0, eager: bool = False) -> None:
+        super().__init__()
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.simt_launch.restype = ctypes.c_int
+        self.lib.simt_launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_ulonglong,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        self.lib.simt_counter.restype = ctypes.c_ulonglong
+        self.lib.simt_counter.argtypes = [ctypes.c_int]
+        self.seed = seed
+        self.eager = eager
+        self.launches = 0
 
     def counters(self) -> dict[str, int]:
         """Totals since the library was loaded: warp collectives, ldmatrix wavefronts/matrices."""

@@ -1,8 +1,9 @@
 // The shipped kernels, compiled for the SIMT emulator, behind a cuLaunchKernel-like C entry point
 // (kernel name, grid, block, dynamic shared memory, an array of pointers to the arguments).
 //
-// Built by tests/simt_device.py:  g++ -O2 -std=c++17 -shared -fPIC -DSPADE_SIMT
-//     -I tests/simt -I tests/simt/include -I runtime/matchers/kernels simt_kernels.cpp
+// Built by simt_device.build() (tools/spade_edge_testing):  g++ -O2 -std=c++17 -shared -fPIC
+//     -DSPADE_SIMT -D<tile constants> -I simt -I simt/include -I runtime/matchers/kernels
+//     simt_kernels.cpp
 #include "simt.h"
 
 // The kernels, unchanged (their PTX wrappers are replaced by simt.h's under SPADE_SIMT).

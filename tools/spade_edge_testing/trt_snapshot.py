@@ -12,8 +12,8 @@ pybind11 signature lines of the classes spade-edge uses. Nothing is *called*: a 
 
 Usage (network for ``pip download`` the first time; wheels are cached in build/trt_api/)::
 
-    python tests/trt_api/snapshot.py            # rewrite tests/trt_api/trt-*.json
-    python tests/trt_api/snapshot.py --out DIR  # write elsewhere (the live test does this)
+    python -m spade_edge_testing.trt_snapshot            # rewrite trt_snapshots/trt-*.json
+    python -m spade_edge_testing.trt_snapshot --out DIR  # write elsewhere (the live test does)
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import sys
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-DEFAULT_CACHE = REPO / "build" / "trt_api"
+#: the committed snapshots, read by fake_tensorrt and tests/test_trt_api.py
+SNAP_DIR = Path(__file__).resolve().parent / "trt_snapshots"
+#: the checkout's build/ (this package is installed editable from it: ``pip install -e tools``)
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "build" / "trt_api"
 
 #: pip requirement -> snapshot file stem. 10.3 = JetPack 6 (Orin); 10.16 = last 10.x;
 #: 11.0 = first 11.x; 11.4 = current server release.
@@ -254,7 +255,7 @@ def write_snapshots(out: Path, cache: Path = DEFAULT_CACHE) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--out", type=Path, default=SNAP_DIR)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args(argv)
     if args.dump:

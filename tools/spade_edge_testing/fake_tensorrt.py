@@ -1,4 +1,4 @@
-"""Strict in-process fakes of ``tensorrt`` and ``pycuda.driver`` for CI (no TensorRT, no GPU).
+"""A strict in-process fake of ``tensorrt`` (with the fake ``pycuda``) for CI: no TensorRT, no GPU.
 
 Why: spade-edge's engine builder and TensorRT runner are mostly *our* logic (contract checks,
 precision check, profile, timing cache, engine file, buffer sizing and slicing, batch-shape
@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-SNAP_DIR = Path(__file__).resolve().parent
+from spade_edge_testing import fake_pycuda
+from spade_edge_testing.fake_pycuda import FakeGpu
+from spade_edge_testing.trt_snapshot import SNAP_DIR
 
 
 def load_snapshot(version: str) -> dict[str, Any]:
@@ -36,129 +38,12 @@ def load_snapshot(version: str) -> dict[str, Any]:
 
 
 @dataclass
-class World:
-    """Shared state of one fake GPU + fake TensorRT (inspected by tests)."""
+class World(FakeGpu):
+    """One fake GPU (``fake_pycuda.FakeGpu``) + fake TensorRT's counters (inspected by tests)."""
 
-    gpu_name: str = "Fake GPU"
-    cc: tuple[int, int] = (8, 7)
-    device_count: int = 1
-    memory: dict[int, np.ndarray] = field(default_factory=dict)
-    next_address: int = 0x7F0000000000
-    allocs: int = 0
-    frees: int = 0
-    ctx_stack: list[Any] = field(default_factory=list)
-    retained: int = 0
-    detached: int = 0
     set_input_shape_calls: int = 0
     executions: int = 0
     builds: list[dict[str, Any]] = field(default_factory=list)
-
-    def need_context(self, what: str) -> None:
-        if not self.ctx_stack:
-            raise RuntimeError(f"fake CUDA: {what} without a current context")
-
-
-# ------------------------------------------------------------------------------ pycuda
-
-
-def make_fake_pycuda(world: World) -> tuple[types.ModuleType, types.ModuleType]:
-    """(pycuda package, pycuda.driver) fakes bound to ``world``."""
-    drv = types.ModuleType("pycuda.driver")
-
-    class Error(Exception):
-        pass
-
-    class DeviceAllocation:
-        def __init__(self, nbytes: int) -> None:
-            world.need_context("mem_alloc")
-            self.address = world.next_address
-            world.next_address += (nbytes + 255) // 256 * 256 + 256
-            world.memory[self.address] = np.zeros(nbytes, np.uint8)
-            world.allocs += 1
-
-        def __int__(self) -> int:
-            return self.address
-
-        def free(self) -> None:
-            world.need_context("free")
-            if world.memory.pop(self.address, None) is not None:
-                world.frees += 1
-
-    class Context:
-        def push(self) -> None:
-            world.ctx_stack.append(self)
-
-        def detach(self) -> None:
-            world.detached += 1
-
-        @staticmethod
-        def pop() -> None:
-            world.ctx_stack.pop()
-
-    class Device:
-        def __init__(self, index: int) -> None:
-            self.index = index
-
-        @staticmethod
-        def count() -> int:
-            return world.device_count
-
-        def name(self) -> str:
-            return world.gpu_name
-
-        def compute_capability(self) -> tuple[int, int]:
-            return world.cc
-
-        def retain_primary_context(self) -> Context:
-            world.retained += 1
-            return Context()
-
-    class Stream:
-        handle = 0x5EED
-
-        def synchronize(self) -> None:
-            world.need_context("Stream.synchronize")
-
-    def init() -> None:
-        pass
-
-    def mem_alloc(nbytes: int) -> DeviceAllocation:
-        return DeviceAllocation(int(nbytes))
-
-    def pagelocked_empty(shape: Any, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype)
-
-    def _buf(ptr: Any) -> np.ndarray:
-        addr = int(ptr)
-        if addr not in world.memory:
-            raise Error(f"fake CUDA: invalid device pointer {addr:#x}")
-        return world.memory[addr]
-
-    def memcpy_htod_async(dest: Any, src: np.ndarray, stream: Any = None) -> None:
-        world.need_context("memcpy_htod_async")
-        b = np.ascontiguousarray(src).view(np.uint8).ravel()
-        buf = _buf(dest)
-        if b.size > buf.size:
-            raise Error("fake CUDA: host-to-device copy overruns the allocation")
-        buf[: b.size] = b
-
-    def memcpy_dtoh_async(dest: np.ndarray, src: Any, stream: Any = None) -> None:
-        world.need_context("memcpy_dtoh_async")
-        if not dest.flags.c_contiguous:
-            raise Error("fake CUDA: destination must be contiguous")
-        buf = _buf(src)
-        flat = dest.reshape(-1).view(np.uint8)
-        if flat.size > buf.size:
-            raise Error("fake CUDA: device-to-host copy overruns the allocation")
-        flat[:] = buf[: flat.size]
-
-    for name, obj in list(locals().items()):
-        if name not in ("drv", "world"):
-            setattr(drv, name, obj)
-    pkg = types.ModuleType("pycuda")
-    pkg.driver = drv  # type: ignore[attr-defined]
-    pkg.__path__ = []  # type: ignore[attr-defined]
-    return pkg, drv
 
 
 # ------------------------------------------------------------------------------ tensorrt
@@ -269,7 +154,8 @@ def make_fake_tensorrt(version: str, world: World) -> types.ModuleType:
         _real = "OnnxParser"
 
         def __init__(self, network: INetworkDefinition, logger: Any) -> None:
-            self._net, self._logger, self._errors = network, logger, []
+            self._net, self._logger = network, logger
+            self._errors: list[ParserError] = []
 
         num_errors = property(lambda self: len(self._errors))
 
@@ -467,15 +353,15 @@ def make_fake_tensorrt(version: str, world: World) -> types.ModuleType:
                 shape = self._shapes[name]
                 dt = np.dtype(_DT_TO_NP[eng._io[name][1]])
                 n = int(np.prod(shape)) * dt.itemsize
-                feeds[name] = world.memory[self._addr[name]][:n].view(dt).reshape(shape)
+                feeds[name] = world.mem.view(self._addr[name], np.uint8, n).view(dt).reshape(shape)
             outs = eng._session.run(None, {k: v.astype(np.float32) for k, v in feeds.items()})
             for meta, value in zip(eng._session.get_outputs(), outs, strict=True):
                 dt = np.dtype(_DT_TO_NP[eng._io[meta.name][1]])
                 b = np.ascontiguousarray(value.astype(dt)).view(np.uint8).ravel()
-                buf = world.memory[self._addr[meta.name]]
-                if b.size > buf.size:
+                addr = self._addr[meta.name]
+                if b.size > world.memory[addr][1]:  # the bound buffer is too small
                     return False
-                buf[: b.size] = b
+                world.mem.view(addr, np.uint8, b.size)[:] = b
             world.executions += 1
             return True
 
@@ -567,8 +453,6 @@ def install(monkeypatch: Any, version: str, world: World) -> types.ModuleType:
     import sys
 
     trt = make_fake_tensorrt(version, world)
-    pkg, drv = make_fake_pycuda(world)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    fake_pycuda.install(world, monkeypatch.setitem)
     return trt
