@@ -26,7 +26,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -36,13 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback helpers the station tests use
-
-from station_helpers import Mosquitto, need_binary  # noqa: E402
-from station_server import TOKEN, station_server  # noqa: E402
-
-from spade_edge.export.demo import make_part  # noqa: E402
+from spade_edge.export.demo import make_part
+from spade_edge_testing.station_helpers import Mosquitto, need_binary  # loopback helpers
+from spade_edge_testing.station_server import TOKEN, station_server  # of the station tests
 
 
 def pct(xs: list[float], q: float) -> float:

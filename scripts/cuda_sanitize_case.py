@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from spade_edge_testing.matching import assert_matches, make_gallery, random_features
 
 
 def main() -> int:
@@ -27,8 +25,6 @@ def main() -> int:
         from spade_edge_testing import fake_pycuda
 
         fake_pycuda.install_emulator()
-    from test_cuda_matcher import assert_matches, make_gallery, random_features
-
     from spade_edge.runtime.matchers import cuda as cm
     from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_model.py importable as `tiny_model`
 
 
 @pytest.fixture(scope="session")

@@ -340,7 +340,6 @@ def run_fuzz(
     """Open ``n`` mutated files; returns counts per outcome and the crashes (if any)."""
     rng = random.Random(seed)
     if seeds is None:
-        sys.path.insert(0, str(Path(__file__).parent / "data"))
         from make_golden import GOLDEN
 
         seeds = [GOLDEN.read_bytes()]
@@ -371,7 +370,6 @@ def seeds_for(target: str, workdir: Path) -> list[bytes] | None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)

@@ -18,47 +18,20 @@ import pytest
 from scipy.ndimage import correlate1d, gaussian_filter1d
 
 from spade_edge.runtime import synthetic
-from spade_edge.runtime.contract import Contract
 from spade_edge.runtime.errors import BackendUnavailableError, CompatibilityError, ConfigError
 from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import cuda as cm
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 from spade_edge.runtime.runners.base import Features
 from spade_edge_testing import fake_pycuda, simt_device
+from spade_edge_testing.matching import (
+    assert_matches,
+    make_contract,
+    make_gallery,
+    random_features,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------- fakes
-def make_contract(shapes: list[tuple[int, int, int]], pooled_dim: int, size: int) -> Contract:
-    return synthetic.shaped_contract(
-        [(f"l{i}", *s) for i, s in enumerate(shapes)], pooled_dim, size, "test"
-    )
-
-
-def random_features(rng: np.random.Generator, contract: Contract, n: int) -> Features:
-    """Post-ReLU-like features (non-negative, varied scale per channel)."""
-    return synthetic.random_features(contract, n, rng, "relu")
-
-
-def make_gallery(
-    rng: np.random.Generator, shapes: list[tuple[int, int, int]], pooled_dim: int, n: int, size=32
-) -> InMemoryGallery:
-    g = synthetic.random_gallery(make_contract(shapes, pooled_dim, size), n, rng, "relu")
-    assert isinstance(g, InMemoryGallery)
-    return g
-
-
-def assert_matches(got, want, rtol: float = 2e-3) -> None:
-    """Same neighbours exactly; image score to fp64 rounding; maps within fp16 tolerance."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g.neighbors, w.neighbors)
-        assert g.image_score == pytest.approx(w.image_score, rel=1e-5)
-        assert g.anomaly_map.shape == w.anomaly_map.shape
-        assert g.anomaly_map.dtype == np.float32
-        scale = float(np.abs(w.anomaly_map).max())
-        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, rtol=rtol, atol=rtol * scale)
 
 
 # ----------------------------------------------------------------------------- CPU-side checks

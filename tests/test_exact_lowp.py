@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cuda_matcher import make_contract, random_features
 
 from spade_edge.runtime import autoselect, cpu_features
 from spade_edge.runtime.errors import ConfigError, InputError
@@ -16,6 +15,7 @@ from spade_edge.runtime.gallery import InMemoryGallery
 from spade_edge.runtime.matchers import MATCHERS, open_matcher
 from spade_edge.runtime.matchers import exact_lowp as el
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher, min_sq_distances
+from spade_edge_testing.matching import make_contract, random_features
 
 try:
     import openvino  # noqa: F401

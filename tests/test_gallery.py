@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from fuzz_gallery import exercise_copy, exercise_engine, run_fuzz, seeds_for, split, with_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from make_golden import GOLDEN, golden_inputs
 from tiny_model import tiny_contract
 
 from spade_edge.runtime.contract import Contract
@@ -27,9 +27,6 @@ from spade_edge.runtime.gallery import (
     write_gallery,
 )
 from spade_edge.runtime.matchers.base import GalleryArrays
-
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from make_golden import GOLDEN, golden_inputs
 
 FP_A = hashlib.sha256(b"model a").hexdigest()
 FP_B = hashlib.sha256(b"model b").hexdigest()

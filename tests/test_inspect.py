@@ -29,7 +29,6 @@ def _cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
 
 @pytest.fixture
 def gallery(tmp_path: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent / "data"))
     from make_golden import golden_inputs
 
     p = tmp_path / "g.bin"

@@ -19,8 +19,9 @@ httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from serve_support import defect_array, make_gallery, normal_array, png_bytes  # noqa: E402
-from station_helpers import need_binary  # noqa: E402
-from station_server import TOKEN, station_server  # noqa: E402
+
+from spade_edge_testing.station_helpers import need_binary  # noqa: E402
+from spade_edge_testing.station_server import TOKEN, station_server  # noqa: E402
 
 SHOTS = Path(os.environ.get("SPADE_SCREENSHOTS", Path(__file__).parents[1] / "screenshots"))
 DESKTOP = {"width": 1366, "height": 768}

@@ -23,7 +23,8 @@ pytest.importorskip("httpx")
 
 import serve_support
 from serve_support import make_gallery, normal_array, png_bytes, server_process
-from station_helpers import wait_until
+
+from spade_edge_testing.station_helpers import wait_until
 
 N_FILES = 40
 

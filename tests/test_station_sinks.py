@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from station_helpers import Mosquitto, free_port, wait_until
+
+from spade_edge_testing.station_helpers import Mosquitto, free_port, need_binary, wait_until
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -253,8 +254,6 @@ def test_webhook_gives_up_after_retries_on_dead_endpoint() -> None:
 
 
 def test_mqtt_login_with_password_file(tmp_path: Path) -> None:
-    from station_helpers import need_binary
-
     from spade_edge.runtime.errors import ConfigError
     from spade_edge.station.sinks import open_sink
 

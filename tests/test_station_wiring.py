@@ -1,6 +1,6 @@
 """The station on the real spade-serve app: watch folder in, webhook out, SSE and counters.
 
-In-process uvicorn on a free loopback port (tests/station_server.py), tiny model.
+In-process uvicorn on a free loopback port (spade_edge_testing.station_server), tiny model.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from serve_support import defect_array, make_gallery, normal_array, png_bytes  # noqa: E402
-from station_helpers import wait_until  # noqa: E402
-from station_server import station_server  # noqa: E402
+
+from spade_edge_testing.station_helpers import wait_until  # noqa: E402
+from spade_edge_testing.station_server import station_server  # noqa: E402
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -1,4 +1,5 @@
-"""Helpers for the station tests: free loopback ports, bounded waits, a real mosquitto broker."""
+"""Helpers for the station tests and benches: free loopback ports, bounded waits, a real
+mosquitto broker (pytest decides: a missing binary skips, a wait that runs out fails)."""
 
 from __future__ import annotations
 

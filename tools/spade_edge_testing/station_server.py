@@ -1,7 +1,8 @@
 """A real spade-serve app with the station mounted, on a uvicorn thread on a free loopback port.
 
-Used by the browser tests and benches/bench_station.py: the same ``create_app`` the CLI runs,
-the tiny model and a calibrated synthetic gallery (tests/serve_support.py).
+Used by the station tests and benches/bench_station.py: the same ``create_app`` the CLI runs,
+with the model and gallery the caller gives (the tests: the tiny model and a calibrated
+synthetic gallery, tests/serve_support.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from spade_edge_testing.station_helpers import free_port
 
 TOKEN = "s3cret-token"
 
@@ -31,7 +34,6 @@ def station_server(
     """Yield (base URL, Station); the server is stopped (and joined) on exit."""
     import httpx
     import uvicorn
-    from station_helpers import free_port
 
     from spade_edge.serve import ServeConfig, create_app
     from spade_edge.station.app import Station

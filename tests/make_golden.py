@@ -1,4 +1,4 @@
-"""Regenerate tests/data/golden_v1.bin, the frozen gallery v1 file (``python make_golden.py``).
+"""Regenerate tests/data/golden_v1.bin, the frozen gallery v1 (``python tests/make_golden.py``).
 
 Why: if the writer changes the format by accident (field order, padding, dtypes, hashing),
 test_gallery.py's golden tests fail. Only regenerate on a deliberate, documented format change
@@ -17,7 +17,7 @@ import numpy as np
 
 from spade_edge.runtime.contract import Contract, Level
 
-GOLDEN = Path(__file__).with_name("golden_v1.bin")
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden_v1.bin"
 CREATED = "2024-01-01T00:00:00Z"
 FINGERPRINT = hashlib.sha256(b"spade-edge golden model").hexdigest()
 
