@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,25 +32,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from spade_edge.runtime.detector import Detector
+from spade_edge.runtime.preprocess import list_images
+from spade_edge_testing.serve_process import ServeNotReadyError, wait_ready
+from spade_edge_testing.station_helpers import free_port  # loopback only
+
 TOKEN = "bench-token-0123456789"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def list_images(args: list[str]) -> list[Path]:
-    out: list[Path] = []
-    for a in args:
-        p = Path(a)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
-    return out
 
 
 class Server:
@@ -66,19 +52,11 @@ class Server:
         argv = [str(exe), str(model), str(gallery), "--port", str(self.port)]
         argv += ["--archive", str(archive), "--token-file", str(token), "--log-level", "warning"]
         self.proc = subprocess.Popen([*argv, *extra], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"spade-serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("spade-serve not ready after 300 s")
-            time.sleep(0.2)
+        try:
+            wait_ready(self.url, self.proc, timeout=300, step=0.2)
+        except ServeNotReadyError as e:
+            self.stop()
+            raise SystemExit(str(e)) from None
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -208,8 +186,6 @@ def load(
 
 def spade_run_throughput(model: Path, gallery: Path, paths: list[Path], backend: str) -> dict:
     """What spade-run does per image (Detector.predict_paths, batch 1), timed after loading."""
-    from spade_edge.runtime.detector import Detector
-
     t0 = time.perf_counter()
     det = Detector.load(model, gallery, backend=backend)
     t_load = time.perf_counter() - t0
@@ -243,7 +219,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all figures here")
     a = ap.parse_args()
 
-    paths = list_images(a.images)
+    paths = list_images([Path(x) for x in a.images])
     if not paths:
         raise SystemExit("no images")
     data = [p.read_bytes() for p in paths]

@@ -6,16 +6,17 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from spade_edge_testing.serve_process import ServeNotReadyError, wait_ready
+from spade_edge_testing.station_helpers import free_port
 
 K = 3  # the tiny gallery's default K (thresholds are calibrated for it)
 
@@ -55,12 +56,6 @@ def make_gallery(model: Path, folder: Path, n: int = 12) -> Path:
     return g
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_argv(model: Path, gallery: Path, archive: Path, port: int, *extra: str) -> list[str]:
     exe = Path(sys.executable).with_name("spade-serve")
     head = [str(exe)] if exe.exists() else [sys.executable, "-m", "spade_edge.cli.serve"]
@@ -81,8 +76,6 @@ def server_process(
     model: Path, gallery: Path, archive: Path, *extra: str, ready_timeout: float = 60.0
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A real spade-serve on 127.0.0.1:<free port>; killed on exit whatever happens."""
-    import httpx
-
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -93,19 +86,13 @@ def server_process(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                raise AssertionError(f"spade-serve exited {proc.returncode}:\n{out}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("spade-serve did not become ready in time")
-            time.sleep(0.1)
+        try:
+            wait_ready(url, proc, ready_timeout)
+        except ServeNotReadyError as e:
+            out = ""  # what it printed, once it has exited (a live child's pipe would block)
+            if proc.poll() is not None and proc.stdout is not None:
+                out = proc.stdout.read().decode(errors="replace")
+            raise AssertionError(f"{e}\n{out}") from None
         yield proc, url
     finally:
         if proc.poll() is None:
