@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from spade_edge.runtime.errors import InputError
+from spade_edge.runtime.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger("spade_edge.station")
 
@@ -39,6 +39,18 @@ async def score_frame(service: Any, rgb: np.ndarray, part_id: str, source: str) 
         log.warning("%s: frame %s rejected: %s", source, part_id, e)
         return False
     return True
+
+
+def opencv(needed_for: str) -> Any:
+    """OpenCV (the [camera] extra), imported when a camera input first needs it;
+    ``BackendUnavailableError`` naming ``needed_for`` when it is not installed."""
+    try:
+        import cv2  # optional heavy dependency: only camera inputs and Bayer formats use it
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"{needed_for} needs OpenCV: pip install 'spade-edge[camera]'"
+        ) from e
+    return cv2
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

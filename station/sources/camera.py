@@ -14,19 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, InputError
-from spade_edge.station.sources.base import FrameGate, log, score_frame
+from spade_edge.runtime.errors import ConfigError, InputError
+from spade_edge.station.sources.base import FrameGate, log, opencv, score_frame
 from spade_edge.station.spec import Spec
-
-
-def _cv2() -> Any:
-    try:
-        import cv2
-    except ImportError as e:
-        raise BackendUnavailableError(
-            "camera source needs OpenCV: pip install 'spade-edge[camera]'"
-        ) from e
-    return cv2
 
 
 class Camera:
@@ -70,7 +60,7 @@ class Camera:
         return cam
 
     def _open(self) -> Any:
-        cv2 = _cv2()
+        cv2 = opencv("camera source")
         cap = cv2.VideoCapture(self.index if self.index is not None else self.target)
         if not cap.isOpened():
             cap.release()
@@ -84,7 +74,7 @@ class Camera:
             return None
         self.frames += 1
         if self.is_file:
-            vfps = self._cap.get(_cv2().CAP_PROP_FPS) or 0.0
+            vfps = self._cap.get(opencv("camera source").CAP_PROP_FPS) or 0.0
             t = (self.frames - 1) / vfps if vfps > 0 else None
         else:
             t = None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from spade_edge.runtime.errors import BackendUnavailableError, ConfigError, InputError
-from spade_edge.station.sources.base import FrameGate, log, score_frame
+from spade_edge.station.sources.base import FrameGate, log, opencv, score_frame
 from spade_edge.station.spec import Spec
 
 _BAYER = {
@@ -36,12 +36,7 @@ def to_rgb(data: np.ndarray, width: int, height: int, fmt: str) -> np.ndarray:
         img = data.reshape(height, width, 3).astype(np.uint8, copy=True)
         return img if fmt == "RGB8" else img[..., ::-1].copy()
     if fmt in _BAYER:
-        try:
-            import cv2
-        except ImportError as e:
-            raise BackendUnavailableError(
-                f"pixel format {fmt} needs OpenCV: pip install 'spade-edge[camera]'"
-            ) from e
+        cv2 = opencv(f"pixel format {fmt}")
         return np.asarray(cv2.cvtColor(data.reshape(height, width), getattr(cv2, _BAYER[fmt])))
     raise InputError(f"genicam: unsupported pixel format {fmt!r} (Mono8/16, RGB8, BGR8, Bayer*8)")
 
