@@ -7,7 +7,6 @@ misleading name is still shown for what it is. Nothing but headers is read unles
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from spade_edge.runtime.autoselect import select
 from spade_edge.runtime.container import ENGINE_MAGIC, GALLERY_MAGIC, describe_foreign, peek_magic
 from spade_edge.runtime.errors import BackendUnavailableError, FormatError, InputError
 from spade_edge.runtime.gallery import Gallery, describe
-from spade_edge.runtime.model_meta import read_model_info
+from spade_edge.runtime.model_meta import graph_fingerprint, read_model_info
 
 
 def inspect_gallery(path: Path, verify: bool) -> dict[str, Any]:
@@ -76,7 +75,7 @@ def inspect_onnx(path: Path, verify: bool) -> dict[str, Any]:
                 "(pip install 'spade-edge[export]')"
             ) from None
         model = onnx.load(str(path), load_external_data=False)
-        fp = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+        fp = graph_fingerprint(model)
         if fp != mi.fingerprint:
             raise FormatError(
                 f"{path}: graph fingerprint {fp} does not match the recorded {mi.fingerprint} "

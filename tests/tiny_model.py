@@ -13,7 +13,6 @@ contract and the fingerprint (SHA-256 of the deterministic graph serialisation).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from spade_edge.runtime.contract import (
     Level,
     resize_for,
 )
+from spade_edge.runtime.model_meta import graph_fingerprint  # the product's rule, not a copy
 
 TINY_CHANNELS = (8, 12, 16, 24)
 TINY_OPSET = 17
@@ -52,11 +52,6 @@ def tiny_contract(image_size: int = 32, seed: int = 0) -> Contract:
         image_size=image_size,
         resize=resize_for(image_size),
     )
-
-
-def graph_fingerprint(model: object) -> str:
-    """SHA-256 hex of ``model.graph.SerializeToString(deterministic=True)`` (export's rule)."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()  # type: ignore[attr-defined]
 
 
 def make_tiny_model(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
