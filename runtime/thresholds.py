@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from spade_edge.runtime import __version__
 from spade_edge.runtime.errors import CalibrationError
 from spade_edge.runtime.gallery import Gallery, rewrite_gallery
 from spade_edge.runtime.matchers.base import DEFAULT_SIGMA
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 from spade_edge.runtime.matchers.numpy_matcher import NumpyMatcher
 
 DEFAULT_FAR = 0.01
@@ -120,22 +123,29 @@ def compute_thresholds(
     return th
 
 
+class ThresholdOptions(TypedDict, total=False):
+    """:func:`compute_thresholds`' options, forwarded unchanged by :func:`calibrate_gallery`."""
+
+    far: float
+    k_image: int | None
+    k_gallery: int | None
+    sigma: float
+    progress: Callable[[int], None] | None
+
+
 def calibrate_gallery(
     gallery_path: str | Path,
     out: str | Path | None = None,
-    far: float = DEFAULT_FAR,
-    k_image: int | None = None,
-    k_gallery: int | None = None,
-    sigma: float = DEFAULT_SIGMA,
-    progress: Callable[[int], None] | None = None,
+    **options: Unpack[ThresholdOptions],
 ) -> dict[str, Any]:
-    """Compute thresholds and store them in the gallery (a new file, written atomically).
+    """Compute thresholds (:func:`compute_thresholds`' options) and store them in the gallery
+    (a new file, written atomically).
 
     The blobs are copied into the new file, so they are verified first (a corrupt gallery must
     never come out with fresh, valid checksums).
     """
     with Gallery.open(gallery_path, verify=True) as g:
-        th = compute_thresholds(g, far, k_image, k_gallery, sigma, progress)
+        th = compute_thresholds(g, **options)
         rewrite_gallery(g, out or gallery_path, thresholds=th)
     return th
 
@@ -161,6 +171,7 @@ def thresholds_problem(gallery: Any) -> str | None:
 __all__ = [
     "DEFAULT_FAR",
     "MIN_IMAGES",
+    "ThresholdOptions",
     "calibrate_gallery",
     "compute_thresholds",
     "leave_one_out_scores",
